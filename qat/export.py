@@ -1,0 +1,242 @@
+"""Export a QuantLinear model as a compressed-tensors ``pack-quantized`` checkpoint.
+
+The codes written are the ones the layers compute in forward (``QuantLinear.export_codes``),
+never re-derived from float weights, so ``transformers`` (with compressed-tensors installed)
+reloads exactly the trained numerics. Files are written to a temporary folder beside the
+target and renamed into place, so a failure never leaves a half-written export or touches an
+existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from torch import nn
+
+from qat.model_card import write_model_card
+from qat.packing import pack_int32
+from qat.quant_linear import QuantLinear
+from qat.surgery import linear_layers, quant_layers
+
+QAT_CONFIG_FILE = "qat_config.json"
+# Files copied from the source model folder when present: tokenizer, generation settings and
+# the sentence-transformers pipeline description (so SentenceTransformer(export) works too).
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "modules.json", "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+COPIED_DIRS = ("1_Pooling", "2_Normalize")
+
+
+def _name_target(name: str) -> str:
+    """compressed-tensors target for one module, robust to a wrapper prefix (e.g. ``bert.``)."""
+    return "re:(?:.*\\.)?" + re.escape(name) + "$"
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` block of config.json: one config group per distinct format."""
+    layers = quant_layers(model)
+    groups: dict[tuple, list[str]] = {}
+    for name, layer in layers:
+        spec = layer.spec
+        key = (spec.export_bits, None if spec.group_size is None else layer.group_size, spec.symmetric)
+        groups.setdefault(key, []).append(name)
+    quantized = {n for n, _ in layers}
+    ignore = [n for n, _ in linear_layers(model) if n not in quantized]
+    config_groups = {}
+    for i, ((bits, group_size, symmetric), names) in enumerate(sorted(groups.items(), key=str)):
+        config_groups[f"group_{i}"] = {
+            "targets": ["Linear"] if len(groups) == 1 else [_name_target(n) for n in names],
+            "weights": {
+                "num_bits": bits,
+                "type": "int",
+                "symmetric": symmetric,
+                "strategy": "channel" if group_size is None else "group",
+                "group_size": group_size,
+                "dynamic": False,
+                "actorder": None,
+                "observer": "minmax",
+            },
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+    }
+    if any(not layer.spec.symmetric for _, layer in layers):
+        # transformers + compressed-tensors 0.20 build the compressed layout on the meta device,
+        # where the asymmetric zero point is left unpacked ([out, G]) while the checkpoint holds
+        # it packed along dim 0 ([ceil(out*b/32), G], the format vLLM reads): the plain load
+        # fails on a shape mismatch. `dequantize: true` makes transformers decompress each
+        # layer's tensors with compressed-tensors' own decompressor instead (same numerics, and
+        # transformers decompresses to dense either way); vLLM ignores the key.
+        config["dequantize"] = True
+    return config
+
+
+def _check_exportable(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("the model has no QuantLinear layers: run qat.quantize_model(model, config) first")
+    for name, layer in layers:
+        if layer.source_type == "Conv1D":
+            raise ValueError(
+                f"{name} was a GPT-2 Conv1D: transformers rebuilds it as Conv1D, which compressed-tensors "
+                "does not quantize, so the export would not reload; train with qat, then save with "
+                "qat.load / torch.save, or use a model with nn.Linear layers"
+            )
+        if layer.adapter is not None and layer.adapter.placement == "outside":
+            raise ValueError(
+                f"{name} has an outside-placement adapter, which is not part of the packed base: "
+                "save it with qat.adapters (peft format) or merge it into the quantizer first"
+            )
+    return layers
+
+
+@torch.no_grad()
+def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every QuantLinear replaced by its packed export tensors."""
+    layers = dict(_check_exportable(model))
+    state: dict[str, torch.Tensor] = {}
+    skip_prefixes = tuple(f"{n}." for n in layers)
+    seen_storage: set[tuple[int, int]] = set()
+    for key, tensor in model.state_dict().items():
+        if key.startswith(skip_prefixes) or key.startswith("_"):
+            continue
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if ident in seen_storage and tensor.numel() > 0:
+            continue  # a tied weight (e.g. lm_head = embeddings): saved once, tied again on load
+        seen_storage.add(ident)
+        state[key] = tensor.detach().contiguous()
+    for name, layer in layers.items():
+        codes, scale, zero = layer.export_codes()
+        bits = layer.spec.export_bits
+        state[f"{name}.weight_packed"] = pack_int32(codes, bits)
+        state[f"{name}.weight_scale"] = scale.contiguous()
+        state[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
+        if zero is not None:
+            state[f"{name}.weight_zero_point"] = pack_int32(zero, bits, dim=0)
+        if layer.bias is not None:
+            state[f"{name}.bias"] = layer.bias.detach().contiguous()
+    return state
+
+
+def _prepare_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is a file: choose a folder path for the export")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} is not empty: choose a new folder, or pass overwrite=True (--overwrite) to replace it"
+        )
+
+
+def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _copy_source_files(source: Path | None, folder: Path) -> None:
+    if source is None or not source.is_dir():
+        return
+    for name in COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    for name in COPIED_DIRS:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, folder / name)
+
+
+def _layer_records(layers) -> dict:
+    return {
+        name: dict(bits=layer.spec.bits, group_size=layer.group_size, symmetric=layer.spec.symmetric,
+                   storage_bits=layer.spec.storage_bits)
+        for name, layer in layers
+    }
+
+
+def export_model(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+    source_dir: str | Path | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+    recipe: dict | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Write ``model`` (with QuantLinear layers) as a compressed-tensors pack-quantized folder.
+
+    ``source_dir`` (default: ``model.name_or_path`` when it is a local folder) supplies the
+    tokenizer, generation config and sentence-transformers files; ``tokenizer`` is saved if given.
+    ``recipe`` (any JSON-able dict: the training recipe) goes into the model card and
+    ``qat_config.json``. Returns the export folder.
+    """
+    out_dir = Path(out_dir)
+    _prepare_target(out_dir, overwrite)
+    layers = _check_exportable(model)
+    if source_dir is None and getattr(model, "name_or_path", None):
+        source_dir = model.name_or_path
+    source = Path(source_dir) if source_dir else None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        state = packed_state_dict(model)
+        _write_weights(state, tmp, max_shard_size)
+        config = model.config
+        config.quantization_config = quantization_config(model)
+        try:
+            config.save_pretrained(tmp)
+        finally:
+            del config.quantization_config  # the live model stays an unquantized-config model
+        _copy_source_files(source, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        qat_config = getattr(model, "qat_config", None)
+        meta = {
+            "quant_config": qat_config.to_dict() if qat_config is not None else None,
+            "layers": _layer_records(layers),
+            "recipe": recipe,
+        }
+        (tmp / QAT_CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        write_model_card(tmp, model, layers, base_model=base_model or (str(source) if source else None),
+                         recipe=recipe, state=state)
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is removed only once the new one is in."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    backup = out_dir.with_name(f".{out_dir.name}.old-{tmp.name[-8:]}")
+    out_dir.rename(backup)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        backup.rename(out_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

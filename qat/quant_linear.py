@@ -1,0 +1,262 @@
+"""QuantLinear: a frozen packed low-bit base, learned steps, and an adapter slot.
+
+    base (frozen)      W0 = s0 * (q0 - z0)           q0 packed at storage_bits into int32 words
+    inside  placement  W_hat = s * (clamp(round((W0 + D)/s) + z) - z)       y = x W_hat^T + b
+    outside placement  W_hat = s * (clamp(round(W0/s) + z) - z)             y = x W_hat^T + b + adapter(x)
+
+``s`` (``weight_scale``) and ``z`` (``weight_zero_point``, asymmetric only) train with LSQ / LSQ+
+gradients. Export writes ``clamp(round((W0 + D)/s) + z)`` and ``s`` (see :meth:`export_codes`),
+so the exported model computes exactly what this layer computed.
+
+Adapters (``qat.adapters``) plug into ``self.adapter``: a module with ``placement`` ("inside" or
+"outside"), ``delta_weight() -> [out, in]`` and ``forward(x) -> [..., out]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat import primitives as P
+from qat.config import LayerSpec
+from qat.packing import pack_int32, packed_width, unpack_int32
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored transposed, [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """y = x W_hat^T where W_hat is rebuilt from the packed codes in backward, not saved.
+
+    Saves only x (which the caller's graph holds anyway); peak memory holds one dense weight at
+    a time, transiently, instead of one per layer between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer, *trainables):
+        with torch.no_grad():
+            w_hat = layer.dense_weight()  # [out, in]
+            y = F.linear(x, w_hat.to(x.dtype))
+        ctx.layer = layer
+        ctx.save_for_backward(x, *trainables)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, *_ = ctx.saved_tensors
+        layer = ctx.layer
+        trainables = layer.trainable_tensors()  # the live leaves W_hat is rebuilt from
+        with torch.enable_grad():
+            w_hat = layer.dense_weight()
+        grad_x = grad_y @ w_hat.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
+        grads = [None] * len(trainables)
+        if trainables:
+            # G = grad_y^T x, [out, in]: the gradient of the loss w.r.t. W_hat.
+            g2 = grad_y.reshape(-1, grad_y.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+            grad_w = (g2.t() @ x2).to(w_hat.dtype)
+            grads = torch.autograd.grad(w_hat, trainables, grad_w, allow_unused=True)
+        return (grad_x, None, *grads)
+
+
+class QuantLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` (or GPT-2 ``Conv1D``) over a packed low-bit base."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: LayerSpec,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        name: str = "layer",
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.group_size = P.check_group_size(in_features, spec.group_size, name)
+        self.scale_dtype = dtype  # dtype the steps are saved in and the weight is rebuilt in
+        self.fake_quant_enabled = True
+        self.adapter: nn.Module | None = None
+        self.source_type = "Linear"
+        groups = in_features // self.group_size
+        words = packed_width(in_features, spec.storage_bits)
+        asym = not spec.symmetric
+        frozen = dict(requires_grad=False)
+        kw = dict(device=device)
+        # Frozen base: Parameters (not buffers) so FSDP2 / DeepSpeed shard them like weights.
+        self.base_packed = nn.Parameter(torch.zeros(out_features, words, dtype=torch.int32, **kw), **frozen)
+        self.base_scale = nn.Parameter(torch.ones(out_features, groups, **kw), **frozen)
+        self.base_zero_point = (
+            nn.Parameter(torch.zeros(out_features, groups, **kw), **frozen) if asym else None
+        )
+        # Trainable steps (fp32 master copy; the forward rounds it to scale_dtype, as saved).
+        self.weight_scale = nn.Parameter(torch.ones(out_features, groups, **kw))
+        self.weight_zero_point = nn.Parameter(torch.zeros(out_features, groups, **kw)) if asym else None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), **frozen) if bias else None
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Module, spec: LayerSpec, name: str = "layer") -> "QuantLinear":
+        """Quantize a float ``nn.Linear`` / ``Conv1D``: codes at storage_bits, steps at bits."""
+        weight = linear.weight.detach()
+        if _is_conv1d(linear):
+            weight = weight.t()  # Conv1D stores [in, out]
+        out_features, in_features = weight.shape
+        layer = cls(
+            in_features, out_features, spec, bias=linear.bias is not None,
+            dtype=weight.dtype if weight.is_floating_point() else torch.float32,
+            device=weight.device, name=name,
+        )
+        layer.source_type = "Conv1D" if _is_conv1d(linear) else "Linear"
+        w = weight.float()
+        g = layer.group_size
+        base_scale, base_zero = P.init_steps(w, spec.storage_bits, g, spec.symmetric, spec.init)
+        codes = P.quantize_codes(w, base_scale, base_zero, spec.storage_bits, g)
+        layer._set_base(codes, base_scale, base_zero)
+        if spec.storage_bits == P.container_bits(spec.bits) and not P.is_ternary(spec.bits):
+            # Same grid: the steps start at the base's, so W_hat == W0 before training.
+            scale, zero = base_scale, base_zero
+        else:
+            scale, zero = P.init_steps(layer.base_weight(), spec.bits, g, spec.symmetric, spec.init)
+        layer._set_steps(scale, zero)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach().to(layer.bias.dtype))
+        return layer
+
+    @classmethod
+    @torch.no_grad()
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        spec: LayerSpec,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        name: str = "layer",
+    ) -> "QuantLinear":
+        """Rebuild a trainable layer from integer codes [out, in] and steps (e.g. a checkpoint)."""
+        out_features, in_features = codes.shape
+        layer = cls(in_features, out_features, spec, bias=bias is not None, dtype=dtype,
+                    device=codes.device, name=name)
+        expected = (out_features, in_features // layer.group_size)
+        if tuple(scale.shape) != expected:
+            raise ValueError(
+                f"{name}: weight_scale has shape {tuple(scale.shape)}, expected {expected} for group size "
+                f"{layer.group_size}: the checkpoint's scales do not match its config"
+            )
+        layer._set_base(codes, scale.float(), zero_point)
+        layer._set_steps(scale.float(), zero_point)
+        if bias is not None:
+            layer.bias.copy_(bias.to(layer.bias.dtype))
+        return layer
+
+    def _set_base(self, codes, scale, zero):
+        self.base_packed.copy_(pack_int32(codes, self.spec.storage_bits))
+        self.base_scale.copy_(scale)
+        if self.base_zero_point is not None:
+            self.base_zero_point.copy_(zero)
+
+    def _set_steps(self, scale, zero):
+        self.weight_scale.data.copy_(scale)
+        if self.weight_zero_point is not None:
+            self.weight_zero_point.data.copy_(zero)
+
+    # ----------------------------------------------------------------- weights
+    def base_codes(self) -> torch.Tensor:
+        """Frozen base codes [out, in], int8."""
+        return unpack_int32(self.base_packed, self.spec.storage_bits, self.in_features)
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 = s0 * (q0 - z0), [out, in] fp32."""
+        return P.dequantize(self.base_codes(), self.base_scale, self.base_zero_point,
+                            self.spec.storage_bits, self.group_size)
+
+    def _steps(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Cast (autograd-transparent) to the saved dtype so training sees the exported step.
+        return self.weight_scale.to(self.scale_dtype), self.weight_zero_point
+
+    def pre_quant_weight(self) -> torch.Tensor:
+        """W0 (+ D for an inside adapter), [out, in] fp32: what the fake quantizer rounds."""
+        w = self.base_weight()
+        if self.adapter is not None and self.adapter.placement == "inside":
+            w = w + self.adapter.delta_weight().float()
+        return w
+
+    def dense_weight(self) -> torch.Tensor:
+        """W_hat [out, in] in scale_dtype, differentiable w.r.t. steps and inside adapters."""
+        w = self.pre_quant_weight()
+        if not self.fake_quant_enabled:
+            return w.to(self.scale_dtype)
+        scale, zero = self._steps()
+        lsq = P.lsq_grad_scale(self.group_size, self.spec.bits)
+        return P.fake_quantize(w, scale, zero, self.spec.bits, self.group_size, lsq_scale=lsq)
+
+    @torch.no_grad()
+    def export_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The forward's last line, frozen: (codes [out, in] int8, scale [out, G], zero point).
+
+        Scale is in scale_dtype (as saved); the zero point is the integer one the forward used.
+        """
+        if not self.fake_quant_enabled:
+            raise RuntimeError("fake quantization is off for this layer: turn it on before exporting")
+        scale, zero = self._steps()
+        codes = P.quantize_codes(self.pre_quant_weight(), scale, zero, self.spec.bits, self.group_size)
+        zero_int = None if zero is None else P.round_zero_point(zero, self.spec.bits).to(torch.int8)
+        return codes, scale.detach().clone(), zero_int
+
+    def trainable_tensors(self) -> list[torch.Tensor]:
+        """Tensors W_hat depends on that receive gradients through the recomputed backward."""
+        tensors = [self.weight_scale, self.weight_zero_point]
+        if self.adapter is not None and self.adapter.placement == "inside":
+            tensors += list(self.adapter.parameters())
+        return [t for t in tensors if t is not None and t.requires_grad]
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trainables = self.trainable_tensors() if torch.is_grad_enabled() else []
+        if trainables or (torch.is_grad_enabled() and x.requires_grad):
+            y = _RecomputedLinear.apply(x, self, *trainables)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            with torch.no_grad():
+                w_hat = self.dense_weight().to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.linear(x, w_hat, bias)
+        if self.adapter is not None and self.adapter.placement == "outside":
+            y = y + self.adapter(x).to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A float ``nn.Linear`` holding W_hat (the merged, quantized weight), for comparison."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           dtype=self.scale_dtype, device=self.base_packed.device)
+        linear.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    # ----------------------------------------------------------------- reporting
+    def nbytes_exported(self) -> int:
+        """Bytes of the exported tensors: packed codes + steps (+ packed zero points)."""
+        words = packed_width(self.in_features, self.spec.export_bits) * self.out_features
+        groups = self.weight_scale.numel()
+        n = 4 * words + groups * torch.empty(0, dtype=self.scale_dtype).element_size()
+        if self.weight_zero_point is not None:
+            n += 4 * packed_width(self.out_features, self.spec.export_bits) * (groups // self.out_features)
+        return n
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+            f"storage_bits={s.storage_bits}, group_size={self.group_size}, symmetric={s.symmetric}, "
+            f"bias={self.bias is not None}"
+        )
