@@ -1,1 +1,9 @@
-"""qat.kernels."""
+"""qat.kernels: fused Triton kernels for QuantLinear, behind ``torch.library`` ops.
+
+    ops             qat::dequant_fakequant / quant_linear_fwd / quant_linear_dx (reference on
+                    every device, Triton on CUDA, fake impls for torch.compile)
+    triton_kernels  the kernels themselves (imports triton: import lazily)
+    dispatch        use_kernels("auto" | "triton" | "reference") and the layer-facing calls
+
+Nothing here imports triton at package import.
+"""

@@ -9,6 +9,7 @@ existing one.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -202,12 +203,10 @@ def export_model(
     try:
         state = packed_state_dict(model)
         _write_weights(state, tmp, max_shard_size)
-        config = model.config
+        config = copy.deepcopy(model.config)  # the live model keeps its float config
         config.quantization_config = quantization_config(model)
-        try:
-            config.save_pretrained(tmp)
-        finally:
-            del config.quantization_config  # the live model stays an unquantized-config model
+        config.architectures = [type(model).__name__]  # as save_pretrained records it
+        config.save_pretrained(tmp)
         _copy_source_files(source, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -3,7 +3,7 @@
 Everything else in qat (QuantLinear, the exporter, the Triton kernels) is tested against the
 functions in this file. Conventions (compressed-tensors "int" weights, DESIGN section 3):
 
-    codes      q = clamp(round(w / s) + z, qmin, qmax)      signed grid, z an integer zero point
+    codes      q = round(clamp(w / s + z, qmin, qmax))      signed grid, z an integer zero point
     dequant    w_hat = (q - z) * s                          computed in the dtype of s
 
 Weights are 2-D ``[out, in]``; steps and zero points are ``[out, n_groups]`` with the groups
@@ -135,13 +135,15 @@ def fake_quantize(
             zero_point = grad_scale(zero_point, lsq_scale)
     s = scale.unsqueeze(-1)  # [out, G, 1]
     wg = _grouped(w, group_size).to(scale.dtype if scale.dtype == torch.float64 else torch.float32)
-    q = round_ste(wg / s.to(wg.dtype))
+    v = wg / s.to(wg.dtype)
+    # Clamp before rounding, as LSQ defines it: the same values as round-then-clamp (integer
+    # bounds), but the step gradient is Qp (not Qp - v) on [Qp, Qp + 0.5).
     if zero_point is not None:
-        z = torch.clamp(round_ste(zero_point), qmin, qmax).unsqueeze(-1).to(q.dtype)
-        q = torch.clamp(q + z, qmin, qmax)
+        z = torch.clamp(round_ste(zero_point), qmin, qmax).unsqueeze(-1).to(v.dtype)
+        q = round_ste(torch.clamp(v + z, qmin, qmax))
         w_hat = (q.to(scale.dtype) - z.to(scale.dtype)) * s
     else:
-        q = torch.clamp(q, qmin, qmax)
+        q = round_ste(torch.clamp(v, qmin, qmax))
         w_hat = q.to(scale.dtype) * s
     return w_hat.reshape(w.shape)
 
@@ -158,10 +160,11 @@ def quantize_codes(
     qmin, qmax = qrange(bits)
     s = scale.unsqueeze(-1)
     wg = _grouped(w, group_size).to(scale.dtype if scale.dtype == torch.float64 else torch.float32)
-    q = torch.round(wg / s.to(wg.dtype))
+    v = wg / s.to(wg.dtype)
     if zero_point is not None:
-        q = q + round_zero_point(zero_point, bits).unsqueeze(-1).to(q.dtype)
-    return torch.clamp(q, qmin, qmax).to(torch.int8).reshape(w.shape)
+        v = v + round_zero_point(zero_point, bits).unsqueeze(-1).to(v.dtype)
+    # Same operation order as fake_quantize (add z, clamp, round) so ties round identically.
+    return torch.round(torch.clamp(v, qmin, qmax)).to(torch.int8).reshape(w.shape)
 
 
 def round_zero_point(zero_point: torch.Tensor, bits: float) -> torch.Tensor:

@@ -115,10 +115,11 @@ class QuantLinear(nn.Module):
         layer.source_type = "Conv1D" if _is_conv1d(linear) else "Linear"
         w = weight.float()
         g = layer.group_size
-        base_scale, base_zero = P.init_steps(w, spec.storage_bits, g, spec.symmetric, spec.init)
-        codes = P.quantize_codes(w, base_scale, base_zero, spec.storage_bits, g)
+        grid = layer.base_grid_bits
+        base_scale, base_zero = P.init_steps(w, grid, g, spec.symmetric, spec.init)
+        codes = P.quantize_codes(w, base_scale, base_zero, grid, g)
         layer._set_base(codes, base_scale, base_zero)
-        if spec.storage_bits == P.container_bits(spec.bits) and not P.is_ternary(spec.bits):
+        if grid == spec.bits:
             # Same grid: the steps start at the base's, so W_hat == W0 before training.
             scale, zero = base_scale, base_zero
         else:
@@ -168,6 +169,13 @@ class QuantLinear(nn.Module):
             self.weight_zero_point.data.copy_(zero)
 
     # ----------------------------------------------------------------- weights
+    @property
+    def base_grid_bits(self) -> float:
+        """Grid of the frozen codes: the trained grid when storage matches it (ternary codes
+        live in int2 words), else the wider storage grid."""
+        same = self.spec.storage_bits == P.container_bits(self.spec.bits)
+        return self.spec.bits if same else self.spec.storage_bits
+
     def base_codes(self) -> torch.Tensor:
         """Frozen base codes [out, in], int8."""
         return unpack_int32(self.base_packed, self.spec.storage_bits, self.in_features)
@@ -175,7 +183,7 @@ class QuantLinear(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """W0 = s0 * (q0 - z0), [out, in] fp32."""
         return P.dequantize(self.base_codes(), self.base_scale, self.base_zero_point,
-                            self.spec.storage_bits, self.group_size)
+                            self.base_grid_bits, self.group_size)
 
     def _steps(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Cast (autograd-transparent) to the saved dtype so training sees the exported step.

@@ -1,0 +1,160 @@
+"""Read a compressed-tensors pack-quantized checkpoint back into trainable QuantLinear layers.
+
+Works for qat's own exports and for checkpoints written by other tools (llm-compressor), as long
+as the weights are integer ``pack-quantized`` with group or channel steps. The codes become the
+frozen base (storage_bits = the checkpoint's width) and the steps start at the saved scales, so
+the loaded model computes what the checkpoint computes and QAT can start from it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+
+from qat.config import LayerSpec, QuantConfig
+from qat.export import QAT_CONFIG_FILE
+from qat.packing import packed_width, unpack_int32
+from qat.quant_linear import QuantLinear
+from qat.surgery import _set_submodule
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path.parent} has no {path.name}: it is not a saved model folder ({what})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): the checkpoint is corrupt; re-export it") from None
+
+
+def _quant_config(folder: Path) -> dict:
+    config = _read_json(folder / "config.json", "config.json missing")
+    qc = config.get("quantization_config")
+    if not qc or qc.get("quant_method") != "compressed-tensors":
+        method = (qc or {}).get("quant_method", "none")
+        raise ValueError(
+            f"{folder} is not a compressed-tensors checkpoint (quantization method: {method}); "
+            "for a float model use AutoModel.from_pretrained and qat.quantize_model instead"
+        )
+    if qc.get("format") != "pack-quantized":
+        raise ValueError(
+            f"{folder} uses compressed-tensors format {qc.get('format')!r}; qat reads 'pack-quantized' "
+            "integer weights only: re-export it with format pack-quantized"
+        )
+    return qc
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    if index.exists():
+        names = sorted(set(_read_json(index, "index")["weight_map"].values()))
+        files = [folder / n for n in names]
+    else:
+        files = [folder / "model.safetensors"]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is missing weight file(s) {missing}: the checkpoint is truncated; copy or re-export it whole"
+        )
+    return files
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    tensors[key] = handle.get_tensor(key)
+        except Exception as err:  # safetensors raises its own error types for bad headers
+            raise ValueError(f"{f} could not be read ({err}): the file is corrupt or truncated; re-export it") from None
+    return tensors
+
+
+def _weight_args_for(name: str, qc: dict) -> dict:
+    """The config group's weight arguments that apply to module ``name``."""
+    for group in qc["config_groups"].values():
+        for target in group.get("targets", []):
+            if target == "Linear" or name == target or (
+                target.startswith("re:") and re.match(target[3:], name)
+            ):
+                return group["weights"]
+    raise ValueError(f"{name} has packed weights but no config group targets it: the config.json is inconsistent")
+
+
+def _layer_from_tensors(name, t, args, recorded, dtype) -> QuantLinear:
+    bits = int(args["num_bits"])
+    out_features, in_features = (int(v) for v in t[f"{name}.weight_shape"].tolist())
+    packed = t[f"{name}.weight_packed"]
+    if tuple(packed.shape) != (out_features, packed_width(in_features, bits)):
+        raise ValueError(
+            f"{name}.weight_packed has shape {tuple(packed.shape)}, expected "
+            f"{(out_features, packed_width(in_features, bits))} for {bits}-bit codes: the checkpoint is corrupt"
+        )
+    codes = unpack_int32(packed, bits, in_features)
+    scale = t[f"{name}.weight_scale"]
+    zero = None
+    if not args.get("symmetric", True):
+        zero = unpack_int32(t[f"{name}.weight_zero_point"], bits, out_features, dim=0).float()
+    train_bits = recorded.get("bits", bits)  # qat records ternary (1.58) exported as int2
+    group = args.get("group_size") if args.get("strategy") == "group" else None
+    spec = LayerSpec(bits=train_bits, group_size=group, symmetric=args.get("symmetric", True),
+                     storage_bits=bits, init="rtn")
+    return QuantLinear.from_codes(codes, scale, zero, spec, bias=t.get(f"{name}.bias"),
+                                  dtype=dtype or scale.dtype, name=name)
+
+
+def load_quantized(path: str | Path, model_class=None, dtype: torch.dtype | None = None):
+    """Load a pack-quantized checkpoint as a transformers model whose quantized layers are
+    trainable QuantLinear modules (codes frozen, steps trainable).
+
+    ``model_class`` defaults to the class named in config.json's ``architectures``.
+    The dense skeleton is built once on CPU before the quantized layers replace its linears.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder: pass an export folder")
+    qc = _quant_config(folder)
+    tensors = _read_tensors(_weight_files(folder))
+    qat_meta = json.loads((folder / QAT_CONFIG_FILE).read_text()) if (folder / QAT_CONFIG_FILE).exists() else {}
+    recorded_layers = qat_meta.get("layers", {})
+    config = transformers.AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    if model_class is None:
+        arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+        model_class = getattr(transformers, arch, transformers.AutoModel)
+    build = model_class.from_config if hasattr(model_class, "from_config") else model_class
+    model = build(config)
+    if dtype is not None:
+        model.to(dtype)
+    names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+    if not names:
+        raise ValueError(f"{folder} holds no weight_packed tensors: the checkpoint is truncated or not pack-quantized")
+    for name in names:
+        args = _weight_args_for(name, qc)
+        layer = _layer_from_tensors(name, tensors, args, recorded_layers.get(name, {}), dtype)
+        _set_submodule(model, name, layer)
+    rest = {k: v for k, v in tensors.items() if not k.startswith(tuple(f"{n}." for n in names))}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    quant_keys = tuple(f"{n}." for n in names)
+    missing = [k for k in missing if not k.startswith(quant_keys)]
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+        tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+        missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder} does not match {model_class.__name__}: missing {missing[:5]}, unexpected {list(unexpected)[:5]}; "
+            "the checkpoint is truncated or from another architecture (pass model_class=...)"
+        )
+    if qat_meta.get("quant_config"):
+        model.qat_config = QuantConfig(**qat_meta["quant_config"])
+    model.name_or_path = str(folder)
+    return model.eval()

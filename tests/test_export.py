@@ -1,0 +1,195 @@
+"""Export -> reload with transformers (and with qat) reproduces the QuantLinear model."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+import qat
+from qat.export import packed_state_dict
+from tests.conftest import tiny_llama, tiny_qwen2
+
+# (bits, symmetric, group_size): every width, both grids, group and channel steps.
+FORMATS = [(2, True, 32), (3, False, 32), (4, True, None), (4, False, 32), (8, True, 32), (8, False, None),
+           (1.58, True, 32)]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("bits,symmetric,group", FORMATS)
+def test_transformers_reload_matches(tmp_path, builder, bits, symmetric, group):
+    model = builder()
+    qat.quantize_model(model, qat.QuantConfig(bits=bits, symmetric=symmetric, group_size=group))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = _logits(model, ids)
+    qat.export_model(model, tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    # The reload dequantizes the very codes and fp32 scales the layers used, (q - z) * s, the same
+    # ops in the same dtype: the weights are bit-identical, so the logits are equal up to nothing
+    # but kernel summation order (observed 0.0; allow 1e-5 for BLAS differences).
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=1e-5)
+    # ... and qat's own loader gives back trainable layers with the same outputs and bytes.
+    ours = qat.load_quantized(tmp_path / "export")
+    assert len(qat.quant_layers(ours)) == 14
+    torch.testing.assert_close(_logits(ours, ids), expected, rtol=0, atol=1e-5)
+    a, b = packed_state_dict(model), packed_state_dict(ours)
+    for key in a:
+        if key.endswith(("weight_packed", "weight_scale", "weight_zero_point")):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_minilm_reload_matches(tmp_path, minilm_path):
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    batch = tok(["Quantization keeps the model small.", "A second, longer sentence for padding."],
+                padding=True, return_tensors="pt")
+    for bits, symmetric, group in [(4, True, 32), (3, False, 32), (2, True, None), (8, False, None)]:
+        model = transformers.AutoModel.from_pretrained(minilm_path).eval()
+        qat.quantize_model(model, qat.QuantConfig(bits=bits, symmetric=symmetric, group_size=group, init="rtn"))
+        with torch.no_grad():
+            expected = model(**batch).last_hidden_state
+        out = tmp_path / f"minilm-{bits}-{symmetric}-{group}"
+        qat.export_model(model, out)
+        reloaded = transformers.AutoModel.from_pretrained(out).eval()
+        with torch.no_grad():
+            got = reloaded(**batch).last_hidden_state
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # bit-identical weights, see above
+        assert (out / "tokenizer.json").exists() and (out / "modules.json").exists()
+
+
+@pytest.mark.parametrize("bits,symmetric,group", [(2, True, 32), (3, False, 32), (4, True, 64), (8, True, None)])
+def test_file_size_matches_nominal_bits(tmp_path, bits, symmetric, group):
+    """Quantized tensors on disk = codes + scales (+ zero points) to within 2% of nominal."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4)).eval()
+    qat.quantize_model(model, qat.QuantConfig(bits=bits, symmetric=symmetric, group_size=group))
+    out = qat.export_model(model, tmp_path / "e")
+    from safetensors import safe_open
+
+    stored, n_weights, nominal = 0, 0, 0.0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if key.endswith(("weight_packed", "weight_scale", "weight_zero_point")):
+                stored += t.numel() * t.element_size()
+            if key.endswith("weight_shape"):
+                o, i = t.tolist()
+                n_weights += o * i
+                g = i if group is None else group
+                nominal += o * i * bits / 8 + o * (i // g) * 4 + (0 if symmetric else o * (i // g) * bits / 8)
+    assert abs(stored - nominal) / nominal < 0.02
+    card = (out / "README.md").read_text()
+    assert f"{8 * stored / n_weights:.3f} bits per quantized weight" in card
+    assert "library_name: transformers" in card
+
+
+def test_sharded_export_and_mixed_precision(tmp_path):
+    model = tiny_llama()
+    cfg = qat.QuantConfig(bits=4, group_size=32, overrides={r"mlp\.down_proj": {"bits": 8, "group_size": None},
+                                                             r"self_attn\.[qk]_proj": {"bits": 2}})
+    qat.quantize_model(model, cfg)
+    specs = {n: (l.spec.bits, l.group_size) for n, l in qat.quant_layers(model)}
+    assert specs["model.layers.0.mlp.down_proj"] == (8, 128) and specs["model.layers.1.self_attn.k_proj"] == (2, 32)
+    ids = torch.randint(0, 128, (1, 9))
+    expected = _logits(model, ids)
+    out = qat.export_model(model, tmp_path / "e", max_shard_size=20_000)
+    assert (out / "model.safetensors.index.json").exists()
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == 3
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_logits(qat.load_quantized(out), ids), expected, rtol=0, atol=1e-5)
+
+
+def test_report(tmp_path):
+    model = tiny_llama()
+    qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32))
+    rows = qat.quantization_report(model)
+    assert len(rows) == 14 and all(0 < r["rel_error"] < 0.2 for r in rows)
+    assert all(r["bits_per_weight"] == pytest.approx(5.0) for r in rows)  # 4 + 32-bit scale / 32
+    assert "lm_head" not in {r["name"] for r in rows}
+    assert "14 layers" in qat.format_report(rows)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_refuses_non_empty_dir_and_keeps_it(tmp_path):
+    model = tiny_llama()
+    qat.quantize_model(model, qat.QuantConfig())
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        qat.export_model(model, tmp_path / "e")
+    assert (tmp_path / "e" / "precious.txt").read_text() == "keep me"
+    qat.export_model(model, tmp_path / "e", overwrite=True)
+    assert not (tmp_path / "e" / "precious.txt").exists() and (tmp_path / "e" / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["e"]  # no temporary or backup folder left
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    model = tiny_llama()
+    qat.quantize_model(model, qat.QuantConfig())
+    import qat.export as ex
+
+    monkeypatch.setattr(ex, "write_model_card", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        qat.export_model(model, tmp_path / "e")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="unsupported bit width"):
+        qat.QuantConfig(bits=5.5)
+    with pytest.raises(ValueError, match="does not divide"):
+        qat.quantize_model(tiny_llama(), qat.QuantConfig(group_size=48))
+    with pytest.raises(ValueError, match="no linear layer matches"):
+        qat.quantize_model(tiny_llama(), qat.QuantConfig(include=["nothing_like_this"]))
+    with pytest.raises(ValueError, match="overridable"):
+        qat.QuantConfig(overrides={"q_proj": {"bitz": 2}})
+    with pytest.raises(ValueError, match="storage_bits"):
+        qat.QuantConfig(bits=4, storage_bits=2)
+
+
+def test_model_untouched_when_a_layer_fails():
+    model = tiny_llama()
+    cfg = qat.QuantConfig(group_size=32, overrides={"down_proj": {"group_size": 48}})
+    with pytest.raises(ValueError, match="down_proj"):
+        qat.quantize_model(model, cfg)
+    assert qat.quant_layers(model) == []
+
+
+def test_truncated_and_foreign_checkpoints(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "float")
+    with pytest.raises(ValueError, match="not a compressed-tensors checkpoint"):
+        qat.load_quantized(tmp_path / "float")
+    qat.quantize_model(model, qat.QuantConfig())
+    out = qat.export_model(model, tmp_path / "e")
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        qat.load_quantized(out)
+    os.remove(out / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="truncated"):
+        qat.load_quantized(out)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        qat.load_quantized(tmp_path / "nope")
+
+
+def test_gpt2_conv1d_quantizes_but_refuses_export(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    expected = _logits(model, ids)
+    qat.quantize_model(model, qat.QuantConfig(bits=8, group_size=32))
+    assert len(qat.quant_layers(model)) == 4  # c_attn, c_proj, c_fc, mlp.c_proj
+    torch.testing.assert_close(_logits(model, ids), expected, rtol=0, atol=0.05)  # int8 noise
+    with pytest.raises(ValueError, match="Conv1D"):
+        qat.export_model(model, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
