@@ -83,7 +83,7 @@ def supported(layer, act: torch.Tensor | None = None) -> bool:
     return layer.scale_dtype in _FLOATS and all(t is None or t.dtype in _FLOATS for t in tensors)
 
 
-def _path(layer, act) -> str:
+def kernel_path(layer, act) -> str:
     if _mode == "reference" or not supported(layer, act):
         return "reference"
     if _mode == "triton":
@@ -93,7 +93,7 @@ def _path(layer, act) -> str:
 
 def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y = x @ W_hat^T (no bias) for the forward; no autograd through the result."""
-    path = _path(layer, x)
+    path = kernel_path(layer, x)
     if path == "reference":
         with torch.no_grad():
             return F.linear(x, layer.dense_weight().to(x.dtype))
@@ -108,7 +108,7 @@ def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
 
 def quant_linear_dx(grad_y: torch.Tensor, layer) -> torch.Tensor:
     """dX = grad_y @ W_hat for the backward; no autograd through the result."""
-    path = _path(layer, grad_y)
+    path = kernel_path(layer, grad_y)
     if path == "reference":
         with torch.no_grad():
             return grad_y @ layer.dense_weight().to(grad_y.dtype)
@@ -123,7 +123,7 @@ def quant_linear_dx(grad_y: torch.Tensor, layer) -> torch.Tensor:
 
 def dense_weight(layer) -> torch.Tensor:
     """W_hat [out, in] in the layer's scale dtype, without autograd."""
-    path = _path(layer, layer.weight_scale)
+    path = kernel_path(layer, layer.weight_scale)
     if path == "reference":
         with torch.no_grad():
             return layer.dense_weight()

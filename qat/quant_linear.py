@@ -20,6 +20,7 @@ from torch import nn
 
 from qat import primitives as P
 from qat.config import LayerSpec
+from qat.kernels import dispatch
 from qat.packing import pack_int32, packed_width, unpack_int32
 
 
@@ -38,8 +39,7 @@ class _RecomputedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer, *trainables):
         with torch.no_grad():
-            w_hat = layer.dense_weight()  # [out, in]
-            y = F.linear(x, w_hat.to(x.dtype))
+            y = dispatch.quant_linear(x, layer)  # fused Triton on CUDA, else x @ dense_weight()^T
         ctx.layer = layer
         ctx.save_for_backward(x, *trainables)
         return y
@@ -49,9 +49,16 @@ class _RecomputedLinear(torch.autograd.Function):
         x, *_ = ctx.saved_tensors
         layer = ctx.layer
         trainables = layer.trainable_tensors()  # the live leaves W_hat is rebuilt from
-        with torch.enable_grad():
-            w_hat = layer.dense_weight()
-        grad_x = grad_y @ w_hat.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
+        w_hat = None
+        if trainables or dispatch.kernel_path(layer, grad_y) == "reference":
+            with torch.enable_grad():
+                w_hat = layer.dense_weight()  # rebuilt once, used for dX and the step grads
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if w_hat is not None and dispatch.kernel_path(layer, grad_y) == "reference":
+                grad_x = grad_y @ w_hat.detach().to(grad_y.dtype)
+            else:
+                grad_x = dispatch.quant_linear_dx(grad_y, layer)  # fused Triton dX on CUDA
         grads = [None] * len(trainables)
         if trainables:
             # G = grad_y^T x, [out, in]: the gradient of the loss w.r.t. W_hat.
@@ -234,9 +241,9 @@ class QuantLinear(nn.Module):
                 y = y + self.bias.to(y.dtype)
         else:
             with torch.no_grad():
-                w_hat = self.dense_weight().to(x.dtype)
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = F.linear(x, w_hat, bias)
+                y = dispatch.quant_linear(x, self)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
         if self.adapter is not None and self.adapter.placement == "outside":
             y = y + self.adapter(x).to(y.dtype)
         return y
