@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on the CPU under the interpreter. Triton reads this when it is first
+# imported, and compressed-tensors (imported by many tests) imports triton, so it must be set
+# here, before any test module loads. On a CUDA machine the real compiler is used.
+import torch  # noqa: E402  (does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
