@@ -193,3 +193,27 @@ def test_gpt2_conv1d_quantizes_but_refuses_export(tmp_path):
     with pytest.raises(ValueError, match="Conv1D"):
         qat.export_model(model, tmp_path / "e")
     assert not (tmp_path / "e").exists()
+
+
+def test_mistral_and_bert_surgery(tmp_path):
+    """Mistral (sliding-window Llama variant) and BERT (encoder) round-trip like Llama does."""
+    torch.manual_seed(0)
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    qat.quantize_model(mistral, qat.QuantConfig(bits=4, symmetric=False))
+    ids = torch.randint(0, 128, (1, 10))
+    expected = _logits(mistral, ids)
+    out = qat.export_model(mistral, tmp_path / "mistral")
+    got = _logits(transformers.AutoModelForCausalLM.from_pretrained(out).eval(), ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # bit-identical weights
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)).eval()
+    qat.quantize_model(bert, qat.QuantConfig(bits=3))
+    assert len(qat.quant_layers(bert)) == 7  # q, k, v, attn out, intermediate, output, pooler
+    with torch.no_grad():
+        expected = bert(ids % 64).last_hidden_state
+    out = qat.export_model(bert, tmp_path / "bert")
+    with torch.no_grad():
+        got = transformers.AutoModel.from_pretrained(out).eval()(ids % 64).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
