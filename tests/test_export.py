@@ -217,3 +217,46 @@ def test_mistral_and_bert_surgery(tmp_path):
     with torch.no_grad():
         got = transformers.AutoModel.from_pretrained(out).eval()(ids % 64).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_load_checkpoint_written_by_compressed_tensors(tmp_path):
+    """A checkpoint packed by compressed-tensors' own compressor (no qat_config.json) loads into
+    trainable QuantLinear layers that compute what transformers' loader computes."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import save_file
+
+    from qat import primitives as P
+
+    model = tiny_llama(seed=3)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module_name = name.rsplit(".", 1)[0]
+        module = model.get_submodule(module_name)
+        if isinstance(module, torch.nn.Linear) and name.endswith(".weight") and "lm_head" not in name:
+            scale, zero = P.init_absmax(tensor, 4, 32, symmetric=False)
+            packed = PackedQuantizationCompressor.compress(
+                {"weight": tensor, "weight_scale": scale, "weight_zero_point": zero.to(torch.int8)}, scheme)
+            state.update({f"{module_name}.{k}": v.contiguous() for k, v in packed.items()})
+        else:
+            state[name] = tensor.contiguous()
+    state.pop("lm_head.weight", None) if model.config.tie_word_embeddings else None
+    out = tmp_path / "foreign"
+    out.mkdir()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    config.architectures = ["LlamaForCausalLM"]
+    config.quantization_config = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump()}},
+        "ignore": ["lm_head"], "dequantize": True,
+    }
+    config.save_pretrained(out)
+    ids = torch.randint(0, 128, (2, 7))
+    expected = _logits(transformers.AutoModelForCausalLM.from_pretrained(out).eval(), ids)
+    ours = qat.load_quantized(out)
+    assert len(qat.quant_layers(ours)) == 14
+    torch.testing.assert_close(_logits(ours, ids), expected, rtol=0, atol=1e-5)  # same codes and scales
+    assert all(p.requires_grad for n, p in ours.named_parameters() if n.endswith("weight_scale"))
