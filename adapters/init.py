@@ -20,7 +20,7 @@ from torch import nn
 from qat import primitives as P
 from qat.adapters.hadamard import fwht
 from qat.adapters.lora import LoRAAdapter
-from qat.adapters.wht import WHTAdapter, random_positions
+from qat.adapters.wht import WHTAdapter
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -63,16 +63,16 @@ def gram_factor(X: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
 # ----------------------------------------------------------------------------- quantizer
 @torch.no_grad()
 def base_codes_for(layer, w: torch.Tensor) -> torch.Tensor:
-    """Codes [out, in] at storage_bits that store ``w`` in the layer's frozen-base grid."""
+    """Codes [out, in] that store ``w`` in the layer's frozen-base grid (packed at storage_bits)."""
     return P.quantize_codes(w.float(), layer.base_scale, layer.base_zero_point,
-                            layer.spec.storage_bits, layer.group_size)
+                            layer.base_grid_bits, layer.group_size)
 
 
 @torch.no_grad()
 def layer_quant(layer, w: torch.Tensor) -> torch.Tensor:
     """Q(w): what the layer computes if its base stored ``w`` (base grid, then the layer's steps)."""
     w0 = P.dequantize(base_codes_for(layer, w), layer.base_scale, layer.base_zero_point,
-                      layer.spec.storage_bits, layer.group_size)
+                      layer.base_grid_bits, layer.group_size)
     scale, zero = layer._steps()
     return P.fake_quantize(w0, scale.float(), zero, layer.spec.bits, layer.group_size).float()
 
@@ -163,7 +163,6 @@ def _solve_values(E, R, cols_pad, keep, coef, chunk=1024) -> torch.Tensor:
         (coef * M[J, J]) v = (H G e_i)[J]
     Padded slots (keep False) get an identity row and zero right side, so they solve to 0.
     """
-    n = E.shape[1]
     G = R.T @ R                                          # [in, in]
     M = fwht(fwht(G).T).T                                # H G H^T: fwht applies H to rows' last dim
     rhs_full = fwht(E @ G)                               # rows: (H G e_i)^T, [out, in]

@@ -1,6 +1,6 @@
 """``qat`` command line: quantize (post-training baseline), export, inspect.
 
-Each command is a small function registered in COMMANDS; ``qat --help`` lists them all.
+Each command is a ``cmd_*`` function wired to a subparser in ``build_parser``; ``qat --help`` lists them all.
 """
 
 from __future__ import annotations

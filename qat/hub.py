@@ -12,22 +12,16 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
     local folder is only read, never changed, so the export stays intact for a later retry.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import HfHubHTTPError
 
     folder = Path(folder)
     api = HfApi()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload qat export")
-    except (HfHubHTTPError, OSError, ValueError) as err:
+    except Exception as err:  # HTTP, offline-mode, connection and auth errors all have their own types
         raise SystemExit(
             f"qat: could not push {folder} to the Hub as {repo_id} ({type(err).__name__}: {err}). "
             f"The export is intact at {folder}; check network access and `huggingface-cli login` "
             f"(or HF_TOKEN), then run: huggingface-cli upload {repo_id} {folder}"
-        ) from None
-    except Exception as err:  # offline mode and connection errors surface as other types
-        raise SystemExit(
-            f"qat: could not push {folder} to the Hub as {repo_id} ({type(err).__name__}: {err}). "
-            f"The export is intact at {folder}; retry when online with a token: huggingface-cli upload {repo_id} {folder}"
         ) from None
     return str(url)

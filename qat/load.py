@@ -141,9 +141,9 @@ def load_quantized(path: str | Path, model_class=None, dtype: torch.dtype | None
         args = _weight_args_for(name, qc)
         layer = _layer_from_tensors(name, tensors, args, recorded_layers.get(name, {}), dtype)
         _set_submodule(model, name, layer)
-    rest = {k: v for k, v in tensors.items() if not k.startswith(tuple(f"{n}." for n in names))}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
     quant_keys = tuple(f"{n}." for n in names)
+    rest = {k: v for k, v in tensors.items() if not k.startswith(quant_keys)}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if not k.startswith(quant_keys)]
     if hasattr(model, "tie_weights"):
         model.tie_weights()

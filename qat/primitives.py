@@ -113,6 +113,12 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_features, in_features // group_size, group_size)
 
 
+def _scaled(w: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w / s per group, [out, G, g], in fp32 (fp64 when the steps are fp64)."""
+    wg = _grouped(w, group_size).to(scale.dtype if scale.dtype == torch.float64 else torch.float32)
+    return wg / scale.unsqueeze(-1).to(wg.dtype)
+
+
 def fake_quantize(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -134,8 +140,7 @@ def fake_quantize(
         if zero_point is not None:
             zero_point = grad_scale(zero_point, lsq_scale)
     s = scale.unsqueeze(-1)  # [out, G, 1]
-    wg = _grouped(w, group_size).to(scale.dtype if scale.dtype == torch.float64 else torch.float32)
-    v = wg / s.to(wg.dtype)
+    v = _scaled(w, scale, group_size)
     # Clamp before rounding, as LSQ defines it: the same values as round-then-clamp (integer
     # bounds), but the step gradient is Qp (not Qp - v) on [Qp, Qp + 0.5).
     if zero_point is not None:
@@ -158,9 +163,7 @@ def quantize_codes(
 ) -> torch.Tensor:
     """Integer codes [out, in] (int8) that :func:`fake_quantize` rounds ``w`` to, bit for bit."""
     qmin, qmax = qrange(bits)
-    s = scale.unsqueeze(-1)
-    wg = _grouped(w, group_size).to(scale.dtype if scale.dtype == torch.float64 else torch.float32)
-    v = wg / s.to(wg.dtype)
+    v = _scaled(w, scale, group_size)
     if zero_point is not None:
         v = v + round_zero_point(zero_point, bits).unsqueeze(-1).to(v.dtype)
     # Same operation order as fake_quantize (add z, clamp, round) so ties round identically.

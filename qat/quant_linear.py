@@ -15,7 +15,6 @@ Adapters (``qat.adapters``) plug into ``self.adapter``: a module with ``placemen
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qat import primitives as P
@@ -49,13 +48,14 @@ class _RecomputedLinear(torch.autograd.Function):
         x, *_ = ctx.saved_tensors
         layer = ctx.layer
         trainables = layer.trainable_tensors()  # the live leaves W_hat is rebuilt from
+        reference = dispatch.kernel_path(layer, grad_y) == "reference"
         w_hat = None
-        if trainables or dispatch.kernel_path(layer, grad_y) == "reference":
+        if trainables or reference:
             with torch.enable_grad():
                 w_hat = layer.dense_weight()  # rebuilt once, used for dX and the step grads
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if w_hat is not None and dispatch.kernel_path(layer, grad_y) == "reference":
+            if reference:
                 grad_x = grad_y @ w_hat.detach().to(grad_y.dtype)
             else:
                 grad_x = dispatch.quant_linear_dx(grad_y, layer)  # fused Triton dX on CUDA
@@ -237,13 +237,11 @@ class QuantLinear(nn.Module):
         trainables = self.trainable_tensors() if torch.is_grad_enabled() else []
         if trainables or (torch.is_grad_enabled() and x.requires_grad):
             y = _RecomputedLinear.apply(x, self, *trainables)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
         else:
             with torch.no_grad():
                 y = dispatch.quant_linear(x, self)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         if self.adapter is not None and self.adapter.placement == "outside":
             y = y + self.adapter(x).to(y.dtype)
         return y
