@@ -1,4 +1,4 @@
-"""``qat`` command line: quantize (post-training baseline), export, inspect.
+"""``qat`` command line: train (the main job), quantize (post-training baseline), export, inspect.
 
 Each command is a ``cmd_*`` function wired to a subparser in ``build_parser``; ``qat --help`` lists them all.
 """
@@ -127,6 +127,8 @@ def cmd_inspect(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qat", description="Quantization-aware fine-tuning for Hugging Face models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("train", help="quantization-aware training from a YAML recipe (qat train --help); "
+                                 "no arguments: the default all-MiniLM-L6-v2 W4 job")
     p = sub.add_parser("quantize", help="post-training quantization to a packed checkpoint (the QAT baseline)")
     p.add_argument("--model", required=True, help="local model folder or Hub id")
     p.add_argument("--out", required=True, help="export folder (must be new or empty)")
@@ -148,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # its own parser: every QATArguments field is a --key (qat train --help)
+        from qat.trainers.run import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,1 +1,13 @@
-"""qat.trainers."""
+"""qat.trainers: QATTrainer (a transformers.Trainer), QATArguments, recipes and the main job.
+
+    args = QATArguments(output_dir="out", model_name_or_path=..., bits=4, adapter="lora", ...)
+    trainer = QATTrainer(model=quantized_model, args=args, teacher=float_model, train_dataset=...)
+    trainer.train()
+
+or from the shell: ``qat train --config RECIPE.yaml`` / ``accelerate launch scripts/train.py --config ...``.
+"""
+
+from qat.trainers.arguments import QATArguments
+from qat.trainers.trainer import FakeQuantSchedule, NonFiniteLossError, QATTrainer, parameter_groups
+
+__all__ = ["QATArguments", "QATTrainer", "FakeQuantSchedule", "NonFiniteLossError", "parameter_groups"]

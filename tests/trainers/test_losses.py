@@ -1,0 +1,53 @@
+"""Distillation losses against float64 formulas."""
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+from qat.trainers.losses import distill_loss, kl_logits, mean_pool
+
+
+def test_kl_matches_float64_formula():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 1]], dtype=torch.float32)
+    T = 2.0
+    expected, n = 0.0, 0
+    for b in range(2):
+        for i in range(5):
+            if mask[b, i]:
+                p = torch.softmax(t[b, i].double() / T, -1)
+                q = torch.softmax(s[b, i].double() / T, -1)
+                expected += float((p * (p.log() - q.log())).sum())
+                n += 1
+    expected = expected / n * T * T
+    # fp32 log-softmax on 7 logits: relative error ~1e-6; 1e-5 leaves a margin.
+    assert math.isclose(kl_logits(s, t, mask, T).item(), expected, rel_tol=1e-5)
+    assert kl_logits(t, t, mask, T).abs().item() < 1e-6  # KL(p || p) = 0
+
+
+def test_causal_kl_uses_positions_that_predict_counted_tokens():
+    torch.manual_seed(1)
+    s, t = torch.randn(1, 4, 5), torch.randn(1, 4, 5)
+    labels = torch.tensor([[-100, -100, 3, 4]])  # the answer is tokens 2 and 3: predicted at positions 1, 2
+    got = distill_loss("kl", "causal_lm", SimpleNamespace(logits=s), SimpleNamespace(logits=t),
+                       {"labels": labels}, 1.0)
+    want = kl_logits(s[:, 1:3], t[:, 1:3], torch.ones(1, 2), 1.0)
+    assert torch.allclose(got, want, atol=1e-7)
+
+
+def test_cosine_embedding_loss_is_one_minus_pooled_cosine():
+    torch.manual_seed(2)
+    hs, ht = torch.randn(3, 6, 8), torch.randn(3, 6, 8)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 1 + [0] * 5])
+    got = distill_loss("cosine", "embedding", SimpleNamespace(last_hidden_state=hs),
+                       SimpleNamespace(last_hidden_state=ht), {"attention_mask": mask}, 1.0)
+    want = []
+    for b in range(3):
+        n = int(mask[b].sum())
+        a, c = hs[b, :n].double().mean(0), ht[b, :n].double().mean(0)
+        want.append(1 - float(a @ c / (a.norm() * c.norm())))
+    assert math.isclose(got.item(), sum(want) / 3, rel_tol=1e-5)  # fp32 pooling of 6x8 values
+    pooled = mean_pool(hs, mask)
+    assert torch.allclose(pooled[2], hs[2, 0])  # padding never enters the pooled embedding

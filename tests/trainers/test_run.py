@@ -1,0 +1,104 @@
+"""The main job end to end (`qat train`): recipes on local models, resume, export, reload, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+
+from qat.trainers.run import main
+from tests.trainers.helpers import chat_jsonl, text_file, tiny_llama_dir
+
+RECIPES = Path(__file__).resolve().parents[2] / "scripts" / "recipes"
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _sft(llama_dir, data, out, *extra):
+    return ["--config", str(RECIPES / "causal_lm_sft.yaml"), "--model_name_or_path", str(llama_dir),
+            "--dataset", str(data), "--output_dir", str(out), "--max_length", "64", "--adapter_rank", "4",
+            "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "4", "--eval_ratio", "0.2",
+            "--logging_steps", "1", "--save_steps", "2", "--eval_steps", "2", "--disable_tqdm", "true",
+            "--dataloader_pin_memory", "false", *extra]
+
+
+def test_chat_recipe_trains_resumes_exports_and_generates(llama_dir, tmp_path):
+    data = chat_jsonl(tmp_path / "chat.jsonl")
+    out = tmp_path / "run"
+    assert main(_sft(llama_dir, data, out, "--max_steps", "2")) == 0
+    assert main(_sft(llama_dir, data, out, "--max_steps", "4", "--resume_from_checkpoint", "true")) == 0
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["export_max_abs_diff"] <= 1e-5  # fp32 BLAS order only
+    export = out / "export"
+    assert json.loads((export / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    model = transformers.AutoModelForCausalLM.from_pretrained(export)
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is assert?"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    gen = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == prompt["input_ids"].shape[1] + 5
+    # metrics.json rows: float / post-training / qat eval loss on the held-out split
+    assert set(metrics["rows"]) == {"float", "post-training", "qat"}
+
+
+def test_text_recipe_with_outside_lora_exports_base_plus_peft_adapter(llama_dir, tmp_path):
+    data = text_file(tmp_path / "corpus.txt")
+    out = tmp_path / "cpt"
+    args = ["--config", str(RECIPES / "causal_lm_cpt.yaml"), "--model_name_or_path", str(llama_dir),
+            "--dataset", str(data), "--output_dir", str(out), "--max_length", "32", "--max_steps", "2",
+            "--adapter_rank", "4", "--gradient_accumulation_steps", "1", "--adapter_placement", "outside",
+            "--adapter_init", "loftq", "--group_size", "32", "--eval_strategy", "no", "--disable_tqdm", "true",
+            "--dataloader_pin_memory", "false"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["export_max_abs_diff"] <= 1e-5  # base + PeftModel reproduce the trained model
+    assert (out / "export-adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--text_column", "body", "--messages_column", "conversation"], "no 'body' column: set `text_column"),
+    (["--model_name_or_path", "/no/such/model"], "model '/no/such/model' does not exist"),
+    (["--adaptor_rank", "3"], "did you mean 'adapter_rank'"),
+    (["--dataset", "/no/such.jsonl"], "dataset '/no/such.jsonl' does not exist"),
+])
+def test_bad_input_is_a_clear_error_before_any_work(llama_dir, tmp_path, extra, message):
+    data = chat_jsonl(tmp_path / "chat.jsonl")
+    with pytest.raises(SystemExit, match=message):
+        main(_sft(llama_dir, data, tmp_path / "o", "--max_steps", "1", *extra))
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_existing_run_is_never_overwritten(llama_dir, tmp_path):
+    data = chat_jsonl(tmp_path / "chat.jsonl")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(_sft(llama_dir, data, out, "--max_steps", "1"))
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_default_main_job_beats_post_training(minilm_path, tmp_path, capsys):
+    # The real default recipe, cut to a few steps so CI stays fast (the full job: README / note).
+    out = tmp_path / "minilm"
+    assert main(["--output_dir", str(out), "--max_steps", "8", "--max_eval_samples", "48",
+                 "--per_device_train_batch_size", "16", "--save_steps", "4", "--logging_steps", "4",
+                 "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["rows"]
+    assert rows["float"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["qat"]["cosine"] > rows["post-training"]["cosine"]
+    assert metrics["export_max_abs_diff"] <= 1e-4  # 384-wide fp32 hidden states, BLAS order only
+    printed = capsys.readouterr().out
+    assert "| qat |" in printed and str(out / "export") in printed
+    assert (out / "loss.png").stat().st_size > 0
+    cfg = yaml.safe_load(json.dumps(metrics["recipe"]))
+    assert cfg["bits"] == 4 and cfg["adapter_placement"] == "inside"
+    assert torch.load(out / "checkpoint-8" / "training_args.bin", weights_only=False).max_steps == 8

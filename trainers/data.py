@@ -1,0 +1,145 @@
+"""Training data: load (local files, saved datasets, the Hub, or the built-in 'pydoc' corpus) and tokenise.
+
+Per task:
+  causal_lm   text -> packed blocks of max_length (labels = inputs), or chat `messages` -> one example
+              per conversation with the loss on the assistant turns only (labels -100 elsewhere)
+  seq_cls     text + label column
+  embedding   text, truncated to max_length (distilled from the teacher's hidden states: no labels)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+from datasets import Dataset
+
+FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+IGNORE_INDEX = -100
+
+
+def _pydoc(split: str) -> Dataset:
+    from qat.evaluation import pydoc_sentences
+
+    # "eval" topics never appear in "train" (qat.evaluation splits by topic).
+    return Dataset.from_dict({"text": pydoc_sentences("eval" if split == "eval" else "train", n=100_000)})
+
+
+def load_raw(spec: str, config: str | None = None, split: str = "train") -> Dataset:
+    """A `datasets.Dataset` from a file, a folder of files, a `save_to_disk` folder, 'pydoc' or a Hub name."""
+    if spec == "pydoc":
+        return _pydoc(split)
+    path = Path(spec)
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"dataset file {spec!r}: unsupported extension; use one of {sorted(FILE_BUILDERS)}")
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(str(path), config, split=split)
+    if path.suffix.lower() in FILE_BUILDERS or spec.startswith((".", "/")):
+        raise ValueError(f"dataset {spec!r} does not exist")
+    try:
+        return datasets.load_dataset(spec, config, split=split)
+    except Exception as err:  # offline, unknown name, no such split: say what to pass instead
+        raise ValueError(f"could not load dataset {spec!r} from the Hub ({type(err).__name__}: {err}); "
+                         "pass a local file (txt/json/jsonl/parquet/csv) or a save_to_disk folder") from None
+
+
+def _require(ds: Dataset, column: str, key: str, spec: str, also: str = "") -> None:
+    if column not in ds.column_names:
+        raise ValueError(f"dataset {spec!r} has columns {ds.column_names} but no {column!r} column: "
+                         f"set `{key}` to the column that holds it{also}")
+
+
+def _tokenize_text(ds, tokenizer, column, max_length):
+    return ds.map(lambda b: tokenizer(b[column], truncation=True, max_length=max_length),
+                  batched=True, remove_columns=ds.column_names)
+
+
+def _pack(ds, tokenizer, column, max_length):
+    """Concatenate every text (each followed by EOS) and cut into max_length blocks; drop the tail."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def pack(batch):
+        ids = [t for text in tokenizer(batch[column])["input_ids"] for t in text + eos]
+        n = len(ids) // max_length * max_length
+        blocks = [ids[i: i + max_length] for i in range(0, n, max_length)]
+        return {"input_ids": blocks, "attention_mask": [[1] * max_length for _ in blocks],
+                "labels": [list(b) for b in blocks]}
+
+    return ds.map(pack, batched=True, batch_size=1000, remove_columns=ds.column_names)
+
+
+def chat_example(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """Token ids of a rendered conversation; labels keep only the assistant turns' tokens.
+
+    Each assistant turn's span is found by rendering the conversation up to it with the generation
+    prompt (the prefix) and up to and including it (the end): the tokens in between are the answer.
+    """
+    def ids(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen,
+                                             return_dict=False)
+
+    full = list(ids(messages, False))
+    labels = [IGNORE_INDEX] * len(full)
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        start, end = len(ids(messages[:i], True)), len(ids(messages[: i + 1], False))
+        labels[start:end] = full[start:end]
+    full, labels = full[:max_length], labels[:max_length]
+    return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
+
+
+def _tokenize_chat(ds, tokenizer, column, max_length):
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat data needs a tokenizer with a chat template (tokenizer.chat_template is empty)")
+    return ds.map(lambda ex: chat_example(tokenizer, ex[column], max_length), remove_columns=ds.column_names)
+
+
+def tokenize(ds: Dataset, tokenizer, args, spec: str) -> Dataset:
+    if args.task == "causal_lm":
+        if args.messages_column in ds.column_names:
+            return _tokenize_chat(ds, tokenizer, args.messages_column, args.max_length)
+        _require(ds, args.text_column, "text_column", spec, also=" (or `messages_column` for chat data)")
+        if args.packing:
+            return _pack(ds, tokenizer, args.text_column, args.max_length)
+        out = _tokenize_text(ds, tokenizer, args.text_column, args.max_length)
+        return out.map(lambda ex: {"labels": list(ex["input_ids"])})
+    _require(ds, args.text_column, "text_column", spec)
+    out = _tokenize_text(ds.remove_columns([c for c in ds.column_names if c in ("input_ids", "labels")]),
+                         tokenizer, args.text_column, args.max_length)
+    if args.task == "seq_cls":
+        _require(ds, args.label_column, "label_column", spec)
+        out = out.add_column("labels", list(ds[args.label_column]))
+    return out
+
+
+def build_datasets(args, tokenizer) -> tuple[Dataset, Dataset, list[str]]:
+    """(train, eval) tokenised datasets and the raw held-out texts (for embedding metrics)."""
+    raw = load_raw(args.dataset, args.dataset_config, args.train_split)
+    if args.eval_dataset:
+        held = load_raw(args.eval_dataset, args.dataset_config, "eval" if args.eval_dataset == "pydoc" else "train")
+    elif args.dataset == "pydoc":
+        held = _pydoc("eval")
+    else:
+        split = raw.train_test_split(test_size=args.eval_ratio, seed=args.seed)
+        raw, held = split["train"], split["test"]
+    if args.max_train_samples:
+        raw = raw.select(range(min(args.max_train_samples, len(raw))))
+    if args.max_eval_samples:
+        held = held.select(range(min(args.max_eval_samples, len(held))))
+    texts = list(held[args.text_column]) if args.text_column in held.column_names else []
+    return tokenize(raw, tokenizer, args, args.dataset), tokenize(held, tokenizer, args, args.eval_dataset or args.dataset), texts
+
+
+def collator(tokenizer, task: str):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if task == "causal_lm":  # pads labels with -100 so padding never counts in the loss
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    return DataCollatorWithPadding(tokenizer)

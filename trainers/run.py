@@ -1,0 +1,274 @@
+"""The main job, one direction (DESIGN section 2): recipe -> model -> quantize -> adapters -> train ->
+export -> verify by reloading -> compare float / post-training / QAT on held-out data.
+
+``qat train`` and ``accelerate launch scripts/train.py`` both call :func:`main`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import qat
+from qat.trainers.arguments import QATArguments
+
+MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification",
+                 "embedding": "AutoModel"}
+
+
+# ---------------------------------------------------------------------------------------- set-up
+def check_paths(args: QATArguments) -> Path:
+    """Refuse, before loading anything, to overwrite a run or an export the user already has."""
+    path = args.model_name_or_path
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not Path(path).exists() and (offline or path.startswith((".", "/")) or path.count("/") != 1):
+        raise ValueError(f"model {path!r} does not exist: pass a local model folder"
+                         + ("" if offline else " or a Hub id (owner/name)"))
+    out = Path(args.output_dir)
+    export = Path(args.export_dir) if args.export_dir else out / "export"
+    resuming = bool(args.resume_from_checkpoint)
+    busy = out.exists() and any(out.iterdir())
+    if busy and not resuming and not args.overwrite_output:
+        raise ValueError(f"output_dir {out} already holds a run: pass --resume_from_checkpoint true to continue "
+                         "it, --overwrite_output true to replace it, or another --run_name / --output_dir")
+    # A resumed run replaces its own earlier export (written beside it first, swapped in at the end).
+    if export.exists() and any(export.iterdir()) and not (args.overwrite_output or resuming):
+        raise ValueError(f"export_dir {export} already holds an export: pass --overwrite_output true to replace "
+                         "it (the new one is written beside it first) or another --export_dir")
+    return export
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # causal LMs often ship without one; padding is masked out anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, task: str, num_labels: int | None = None, **kwargs):
+    import transformers
+
+    cls = getattr(transformers, MODEL_CLASSES[task])
+    if task == "seq_cls" and num_labels:
+        kwargs["num_labels"] = num_labels
+    return cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+
+def adapter_dir_for(export_dir: Path) -> Path:
+    """Where outside-placement LoRA goes, in peft's format: beside the packed base."""
+    return export_dir.with_name(export_dir.name + "-adapter")
+
+
+def reload_export(args, export_dir: Path):
+    """The export as a user loads it: transformers (+ PeftModel for an outside adapter)."""
+    adapter = adapter_dir_for(export_dir)
+    if args.adapter == "none" or args.adapter_placement != "outside":
+        return load_model(str(export_dir), args.task).eval()
+    import transformers
+    from peft import PeftModel
+
+    # peft wraps nn.Linear modules: decompress the packed base to dense layers first.
+    base = load_model(str(export_dir), args.task,
+                      quantization_config=transformers.CompressedTensorsConfig(run_compressed=False))
+    return PeftModel.from_pretrained(base, str(adapter)).eval()
+
+
+def calibration_inputs(model, dataset, layer_names: list[str], n: int) -> dict[str, torch.Tensor]:
+    """Layer inputs X [tokens, in] of the float model on n training examples, one at a time (no padding)."""
+    from qat.adapters import collect_inputs
+
+    keep = ("input_ids", "attention_mask", "token_type_ids")
+    batches = [{k: torch.tensor([ex[k]]) for k in keep if k in ex} for ex in dataset.select(range(min(n, len(dataset))))]
+    with torch.no_grad():
+        return collect_inputs(model, layer_names, batches)
+
+
+def prepare_model(args: QATArguments, model, train_dataset):
+    """Quantize in place and attach adapters (with calibration for error-aware inits); returns the model."""
+    from qat.adapters import attach
+
+    adapter_cfg = args.adapter_config()
+    model.requires_grad_(False)  # only steps and adapters train
+    float_weights = calib = None
+    if adapter_cfg is not None and adapter_cfg.init != "zero":
+        names = [n for n, _ in qat.surgery.linear_layers(model) if args.quant_config().selects(n)]
+        float_weights = {n: model.get_submodule(n).weight.detach().float().clone() for n in names}
+        calib = calibration_inputs(model.eval(), train_dataset, names, args.calibration_samples)
+    qat.quantize_model(model, args.quant_config())
+    if adapter_cfg is not None:
+        attach(model, adapter_cfg, calib=calib, float_weights=float_weights)
+    return model
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def lm_loss(model, dataset, collate, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over every counted token of ``dataset``."""
+    total, count = 0.0, 0
+    model.eval()
+    for i in range(0, len(dataset), batch_size):
+        batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total, count = total + loss.item(), count + int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+def evaluate(args, model, tokenizer, eval_dataset, texts, collate, reference=None) -> dict:
+    """Embedding: cosine / nearest-neighbour agreement with the float model; LMs: loss and perplexity."""
+    model.eval()
+    if args.task == "embedding":
+        from qat.evaluation import embedding_agreement, sentence_embeddings
+
+        emb = sentence_embeddings(model, tokenizer, texts, max_length=args.max_length)
+        return {"embeddings": emb} if reference is None else embedding_agreement(reference, emb)
+    if args.task == "causal_lm":
+        loss = lm_loss(model, eval_dataset, collate)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    return {}
+
+
+def verify_export(args, model, export_dir: Path, batch: dict) -> float:
+    """Reload the export with transformers and compare its outputs with the trained model's: max |diff|."""
+    reloaded = reload_export(args, export_dir)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(**batch), reloaded(**batch)
+    key = "last_hidden_state" if args.task == "embedding" else "logits"
+    return float((getattr(a, key).float() - getattr(b, key).float()).abs().max())
+
+
+def export(args, model, tokenizer, export_dir: Path) -> None:
+    from qat.adapters import export_with_peft
+
+    replace = args.overwrite_output or bool(args.resume_from_checkpoint)  # check_paths allowed it
+    kw = dict(tokenizer=tokenizer, source_dir=args.model_name_or_path, overwrite=replace,
+              recipe=args.qat_dict(), base_model=args.model_name_or_path)
+    outside = any(isinstance(m, qat.QuantLinear) and m.adapter is not None and m.adapter.placement == "outside"
+                  for m in model.modules())
+    if outside:  # base packed + adapter in peft's format (PeftModel.from_pretrained on top of the base)
+        export_with_peft(model, export_dir, adapter_dir_for(export_dir), **kw)
+    else:
+        qat.export_model(model, export_dir, **kw)
+
+
+# ---------------------------------------------------------------------------------------- reporting
+def results_table(rows: dict[str, dict]) -> str:
+    keys = sorted({k for r in rows.values() for k in r})
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def plot_losses(log_history: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points), marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------- the job
+def run(args: QATArguments) -> dict:
+    from qat.trainers.data import build_datasets, collator
+    from qat.trainers.trainer import QATTrainer
+
+    export_dir = check_paths(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    train_ds, eval_ds, texts = build_datasets(args, tokenizer)  # bad columns fail before the model loads
+    num_labels = len(set(train_ds["labels"])) if args.task == "seq_cls" else None
+    model = load_model(args.model_name_or_path, args.task, num_labels)
+    teacher = copy.deepcopy(model).eval() if args.distill != "none" else None
+    collate = collator(tokenizer, args.task)
+
+    reference = evaluate(args, model, tokenizer, eval_ds, texts, collate)
+    float_emb = reference.pop("embeddings", None)
+    rows = {"float": reference}
+    if float_emb is not None:
+        from qat.evaluation import embedding_agreement
+
+        rows["float"] = embedding_agreement(float_emb, float_emb)
+        ptq = qat.quantize_model(copy.deepcopy(model), args.quant_config())
+        rows["post-training"] = evaluate(args, ptq, tokenizer, eval_ds, texts, collate, float_emb)
+        del ptq
+    prepare_model(args, model, train_ds)
+    if float_emb is None:  # LMs: adapters start at zero or error-aware, so this row is PTQ (+ init)
+        rows["post-training"] = evaluate(args, model, tokenizer, eval_ds, texts, collate)
+
+    trainer = QATTrainer(model=model, args=args, teacher=teacher, train_dataset=train_ds,
+                         eval_dataset=eval_ds if args.eval_strategy != "no" else None,
+                         data_collator=collate, processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    if not args.should_save:
+        return {}
+    export(args, model, tokenizer, export_dir)
+    batch = {k: v.to(model.device) for k, v in collate([eval_ds[i] for i in range(min(4, len(eval_ds)))]).items()
+             if k != "labels"}
+    max_diff = verify_export(args, model, export_dir, batch) if args.verify_export else None
+    if max_diff is not None and max_diff > 1e-3:
+        raise RuntimeError(f"the export at {export_dir} does not reproduce the trained model (max |diff| "
+                           f"{max_diff:.3g}); the training checkpoints in {args.output_dir} are kept")
+    # The QAT row is measured on the export as reloaded by transformers (what users get).
+    qat_model = reload_export(args, export_dir) if args.verify_export else model
+    rows["qat"] = evaluate(args, qat_model, tokenizer, eval_ds, texts, collate, float_emb)
+    return write_report(args, trainer, result, rows, export_dir, max_diff)
+
+
+def write_report(args, trainer, result, rows, export_dir, max_diff) -> dict:
+    out = Path(args.output_dir)
+    metrics = {"rows": rows, "export_dir": str(export_dir), "export_max_abs_diff": max_diff,
+               "train_runtime_s": result.metrics.get("train_runtime"), "train_loss": result.training_loss,
+               "steps": trainer.state.global_step, "recipe": args.qat_dict()}
+    if "cosine" in rows.get("qat", {}):
+        ptq, q = rows["post-training"]["cosine"], rows["qat"]["cosine"]
+        metrics["recovered"] = (q - ptq) / (1 - ptq) if ptq < 1 else None
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    plotted = plot_losses(trainer.state.log_history, out / "loss.png")
+    print("\n" + results_table(rows))
+    if metrics.get("recovered") is not None:
+        print(f"\nQAT recovers {100 * metrics['recovered']:.1f}% of the post-training cosine gap to the float model")
+    print(f"export: {export_dir} (reloaded with transformers, max |diff| {max_diff})")
+    print(f"metrics: {out / 'metrics.json'}" + (f", loss plot: {out / 'loss.png'}" if plotted else ""))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qat.trainers.recipes import build_arguments, help_text
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(help_text())
+        return 0
+    try:
+        args = build_arguments(argv)
+        run(args)
+    except ValueError as err:
+        raise SystemExit(f"qat train: {err}") from None
+    return 0

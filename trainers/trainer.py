@@ -1,0 +1,185 @@
+"""QATTrainer: transformers.Trainer with qat's optimizer groups, losses, zeroth-order step and checkpoints.
+
+What changes from the Trainer, and only that (everything else - gradient accumulation, evaluation,
+report_to, callbacks, resume_from_checkpoint - is the Trainer's own):
+  create_optimizer    param groups: adapters (lr, weight decay), steps (step_learning_rate, no decay),
+                      zero points (zero_point_learning_rate, no decay), anything else trainable
+  compute_loss        task loss, distillation from a frozen teacher, or their mix; stops on a NaN
+  training_step       `optim: zo` replaces backward + optimizer with an SPSA step (seed trick)
+  _save / _load_*     checkpoints hold the trainable state and the recipe, not the frozen base
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from qat.quant_linear import QuantLinear
+from qat.trainers import checkpoint as ckpt
+from qat.trainers.losses import distill_loss, model_inputs
+from qat.trainers.zeroth_order import ZOTensor, zo_step, zo_tensors
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN / inf loss; the message names the step and the last good checkpoint."""
+
+
+class FakeQuantSchedule(TrainerCallback):
+    """Fake quantization off for the first ``start_step`` optimizer steps, then on (and on at the end)."""
+
+    def __init__(self, start_step: int):
+        self.start_step = start_step
+
+    @staticmethod
+    def _set(model, enabled: bool) -> None:
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.fake_quant_enabled = enabled
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        self._set(model, state.global_step >= self.start_step)
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self._set(model, True)  # what is exported is always the quantized model
+
+
+def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
+    """Optimizer groups by role; empty groups dropped. Each group carries its ``name``."""
+    lr = args.learning_rate
+    step_lr = args.step_learning_rate if args.step_learning_rate is not None else lr
+    zp_lr = args.zero_point_learning_rate if args.zero_point_learning_rate is not None else step_lr
+    roles = {"adapters": [], "steps": [], "zero_points": [], "other": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".adapter." in name or name.startswith("adapter."):
+            roles["adapters"].append(p)
+        elif name.endswith("weight_scale"):
+            roles["steps"].append(p)
+        elif name.endswith("weight_zero_point"):
+            roles["zero_points"].append(p)
+        else:
+            roles["other"].append(p)
+    settings = {"adapters": (lr, args.weight_decay), "steps": (step_lr, 0.0),
+                "zero_points": (zp_lr, 0.0), "other": (lr, args.weight_decay)}
+    groups = [{"name": role, "params": ps, "lr": settings[role][0], "weight_decay": settings[role][1]}
+              for role, ps in roles.items() if ps]
+    if not groups:
+        raise ValueError("nothing to train: attach an adapter (adapter: lora | wht) or set learn_scale: true")
+    return groups
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                     if p.name.split("-")[-1].isdigit() else -1)
+    return str(folders[-1]) if folders else None
+
+
+class QATTrainer(Trainer):
+    def __init__(self, model=None, args=None, teacher: torch.nn.Module | None = None, recipe: dict | None = None,
+                 **kwargs):
+        super().__init__(model=model, args=args, **kwargs)
+        # Our losses are per-token / per-example means: let training_step divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            teacher.to(self.args.device)
+        self.recipe = recipe if recipe is not None else args.qat_dict()
+        self.add_callback(FakeQuantSchedule(args.fake_quant_start_step))
+        self._zo: list[ZOTensor] | None = None
+        self._zo_micro = (-1, 0)  # (global step, micro-batch index) for the perturbation seed
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            groups = parameter_groups(model, self.args)
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        outputs = model(**model_inputs(inputs, args.task))
+        task_loss = None if args.task == "embedding" else outputs.loss
+        loss = task_loss
+        if self.teacher is not None and args.distill != "none":
+            with torch.no_grad():
+                teacher_out = self.teacher(**model_inputs(inputs, args.task))
+            d = distill_loss(args.distill, args.task, outputs, teacher_out, inputs, args.distill_temperature)
+            loss = d if task_loss is None else (1 - args.distill_weight) * task_loss + args.distill_weight * d
+        if loss is None:
+            raise ValueError(f"task {args.task!r} gave no loss: the batch has no labels and no teacher is set")
+        self._stop_if_not_finite(loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        if torch.isfinite(loss.detach()).all():
+            return
+        step = self.state.global_step + 1
+        kept = last_checkpoint(self.args.output_dir)
+        where = f"the last good checkpoint is {kept} (resume with --resume_from_checkpoint {kept})" if kept \
+            else "no checkpoint had been saved yet"
+        raise NonFiniteLossError(
+            f"loss became {loss.item()} at step {step}; training stopped and nothing after it was saved; {where}. "
+            "Try a lower learning_rate or step_learning_rate, max_grad_norm 1.0, warmup_steps, "
+            "or fake_quant_start_step > 0; with fp16, try bf16 or fp32.")
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.args.task != "embedding":
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # Encoders have no labels, so the Trainer would skip the loss: evaluate the distillation loss.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------ zeroth-order
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.args.zeroth_order:
+            return super().training_step(model, inputs, num_items_in_batch)
+        inputs = self._prepare_inputs(inputs)
+        if self._zo is None:
+            self._zo = self._zo_tensor_list(model)
+        step, micro = self._zo_micro
+        micro = micro + 1 if step == self.state.global_step else 0
+        self._zo_micro = (self.state.global_step, micro)
+        # The same seed on every rank and on a resumed run: derived from the recipe seed and the position.
+        seed = (self.args.seed * 1_000_003 + self.state.global_step) * 101 + micro
+        model.eval()  # dropout off during the two forwards (MeZO)
+        accumulation = self.current_gradient_accumulation_steps
+        loss = zo_step(self._zo, lambda: self.compute_loss(model, inputs), seed, self.args.zo_eps,
+                       self.args.zo_num_perturbations, self.optimizer.param_groups, self.args.zo_clip,
+                       lr_scale=1.0 / accumulation)
+        model.train()
+        return (loss / accumulation).to(self.args.device)
+
+    def _zo_tensor_list(self, model) -> list[ZOTensor]:
+        group_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        return [ZOTensor(p, group_of[id(p)], relative) for _, p, relative in zo_tensors(model, self.args.zo_targets)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        ckpt.save_checkpoint(model, output_dir, self.recipe, state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, str(Path(output_dir) / "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not ckpt.is_qat_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        ckpt.load_checkpoint(model if model is not None else self.model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None or not ckpt.is_qat_checkpoint(best):
+            return super()._load_best_model()
+        ckpt.load_checkpoint(self.model, best)
