@@ -177,3 +177,16 @@ def test_wandb_offline_run_is_recorded(tmp_path, monkeypatch):
     records = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1
     assert b"train/loss" in records[0].read_bytes()  # the Trainer's loss went to the offline run
+
+
+def test_8bit_optimizer_states_through_bitsandbytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    # rank 64 on the 64-wide tiny Llama: lora_A is [64, 64] = 4096 values, the size from which
+    # bitsandbytes keeps 8-bit states (smaller tensors stay fp32 by its design).
+    trainer = _trainer(_args(tmp_path, optim="adamw_bnb_8bit", adapter_rank=64, max_steps=3, save_steps=100,
+                             adapter_targets=["q_proj", "o_proj", "mlp"]))  # k/v are 32 wide
+    trainer.train()
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert [g["name"] for g in opt.param_groups] == ["adapters", "steps"]
+    dtypes = {t.dtype for s in opt.state.values() for k, t in s.items() if k in ("state1", "state2")}
+    assert torch.uint8 in dtypes
