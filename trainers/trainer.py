@@ -156,7 +156,7 @@ class QATTrainer(Trainer):
                        self.args.zo_num_perturbations, self.optimizer.param_groups, self.args.zo_clip,
                        lr_scale=1.0 / accumulation)
         model.train()
-        return (loss / accumulation).to(self.args.device)
+        return (loss.float() / accumulation).to(self.args.device)
 
     def _zo_tensor_list(self, model) -> list[ZOTensor]:
         group_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}

@@ -88,7 +88,8 @@ def zo_step(tensors: list[ZOTensor], loss_fn, seed: int, eps: float, num_perturb
         _perturb_k(tensors, base, -2 * eps, keep)
         minus = loss_fn()
         _perturb_k(tensors, base, eps, keep)
-        plus, minus = _mean_across_ranks(torch.stack([plus.detach().float(), minus.detach().float()]))
+        # float64: the difference of two close losses must not lose digits to a cast
+        plus, minus = _mean_across_ranks(torch.stack([plus.detach().double(), minus.detach().double()]))
         g = ((plus - minus) / (2 * eps)).item()
         if clip is not None:
             g = max(-clip, min(clip, g))
