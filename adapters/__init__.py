@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.adapters.init import INITS, collect_inputs, initialise
+from qat.adapters.init import INITS, check_init_placement, collect_inputs, initialise
 from qat.adapters.lora import PLACEMENTS, LoRAAdapter
 from qat.adapters.peft_format import detached_outside, export_with_peft, save_peft
 from qat.adapters.wht import WHTAdapter
@@ -46,6 +46,7 @@ class AdapterConfig:
     targets: list[str] = field(default_factory=lambda: [r".*"])  # regexes on QuantLinear names (re.search)
     init: str = "zero"                 # one of INITS
     init_iters: int = 5                # LoftQ alternations
+    init_steps: int = 100              # Adam steps of the inside 'refine' init
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -70,8 +71,7 @@ class AdapterConfig:
         lora_only, wht_only = {"loftq", "loftq_act"}, {"qwha", "wht_random"}
         if (self.kind == "lora" and self.init in wht_only) or (self.kind == "wht" and self.init in lora_only):
             raise ValueError(f"init {self.init!r} does not apply to kind {self.kind!r}")
-        if self.init != "zero" and self.placement != "outside":
-            raise ValueError(f"init {self.init!r} needs placement='outside' (an inside correction rounds away)")
+        check_init_placement(self.init, self.placement)
 
     @classmethod
     def from_peft(cls, lora_config, placement: str = "outside") -> "AdapterConfig":
@@ -115,7 +115,7 @@ def attach(model: nn.Module, config: AdapterConfig, calib: dict | None = None,
     """Put an adapter on every QuantLinear whose name matches ``config.targets``; returns name -> adapter.
 
     Error-aware inits need ``float_weights`` (name -> W [out, in], the weights before quantization)
-    and, for loftq_act / qwha, ``calib`` (name -> X [N, in], from :func:`collect_inputs`).
+    and, for loftq_act / qwha / refine, ``calib`` (name -> X [N, in], from :func:`collect_inputs`).
     All adapters are built before any is attached, so a bad layer leaves the model untouched.
     """
     chosen = _targets(model, config)
@@ -124,7 +124,7 @@ def attach(model: nn.Module, config: AdapterConfig, calib: dict | None = None,
         layer.adapter = adapter
         W = None if float_weights is None else float_weights.get(name)
         X = None if calib is None else calib.get(name)
-        initialise(layer, adapter, config.init, W=W, X=X, iters=config.init_iters)
+        initialise(layer, adapter, config.init, W=W, X=X, iters=config.init_iters, steps=config.init_steps)
     model.qat_adapter_config = config
     return {n: a for n, _, a in built}
 

@@ -158,41 +158,78 @@ def nearest_sizes(n: int) -> tuple[int, int]:
 def hadamard_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
     """Dense H_n [n, n] = kron(H_K, Sylvester_{2^m}): reference for tests, never used in forward."""
     k, p = factor(n)
-    h = small_hadamard(k)
-    syl = torch.ones(1, 1, dtype=torch.float64)
-    while syl.shape[0] < p:
-        syl = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), syl)
-    return torch.kron(h, syl).to(dtype=dtype, device=device)
+    return torch.kron(small_hadamard(k), _sylvester(p)).to(dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------- transform
-def _butterfly(x: torch.Tensor) -> torch.Tensor:
-    """Sylvester transform over the last axis of x [..., 2^m]: log2 steps of (a + b, a - b)."""
-    p = x.shape[-1]
-    lead = x.shape[:-1]
-    h = 1
-    while h < p:
-        x = x.reshape(*lead, p // (2 * h), 2, h)  # pairs (a, b) are h apart
-        a, b = x[..., 0, :], x[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    return x.reshape(*lead, p)
+# The transform runs as a few dense matmuls instead of log2(n) butterfly stages of tiny torch ops:
+# H_n = kron(H_K, Syl_{2^m}) = kron(F_1, ..., F_L) with F_1 = kron(H_K, Syl_{2^m1}) and F_i = Syl_{2^mi},
+# every block at most MAX_BLOCK wide (or K, when K is wider). Cost per element sum(b_i) multiply-adds
+# in L GEMMs (BLAS-fast) and L - 1 transposes, instead of ~2 log2(n) memory passes.
+MAX_BLOCK = 128  # measured on 2 CPU cores: 64..256 are within 10%; 512 is slower (n^2 work)
+
+
+def _sylvester(p: int) -> torch.Tensor:
+    """Syl_p [p, p] float64 (p a power of two), symmetric."""
+    syl = torch.ones(1, 1, dtype=torch.float64)
+    while syl.shape[0] < p:
+        syl = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), syl)
+    return syl
+
+
+@lru_cache(maxsize=None)
+def block_plan(n: int, max_block: int = MAX_BLOCK) -> tuple[int, tuple[int, ...]]:
+    """n -> (K, (b_1, ..., b_L)): prod(b) = n, b_1 = K * 2^m1, b_i = 2^mi, fewest blocks, balanced.
+
+    Balanced sizes keep every GEMM's inner dimension away from tiny (memory-bound) widths.
+    """
+    k, p = factor(n)
+    m = p.bit_length() - 1
+    first_max = max(0, (max(max_block, k) // k).bit_length() - 1)   # largest m1 with K 2^m1 <= max(B, K)
+    per_block = max_block.bit_length() - 1                          # log2 B
+    blocks = 1
+    while m > first_max + (blocks - 1) * per_block:
+        blocks += 1
+    best = None
+    for m1 in range(0, min(m, first_max) + 1):
+        rest, others = m - m1, blocks - 1
+        if others == 0 and rest:
+            continue
+        logs = [rest // others + (i < rest % others) for i in range(others)] if others else []
+        if any(v > per_block for v in logs):
+            continue
+        sizes = (k << m1, *(1 << v for v in logs))
+        if best is None or max(sizes) < max(best):
+            best = sizes
+    return k, best
+
+
+@lru_cache(maxsize=None)
+def _block_matrix(size: int, k: int, transpose: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """kron(H_K, Syl_{size/K}) (transposed if asked), cached per (dtype, device): built once, not per call."""
+    h = torch.kron(small_hadamard(k), _sylvester(size // k))
+    return (h.T if transpose else h).to(dtype=dtype, device=device).contiguous()
 
 
 def fwht(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """v -> H_n v (or H_n^T v) along the last dim of x [..., n]; O(n log n + n K), differentiable.
+    """v -> H_n v (or H_n^T v) along the last dim of x [..., n]; differentiable, O(n * sum(b_i)).
 
     Equivalently x @ H^T (or x @ H) for row vectors. Sylvester is symmetric, so only H_K's
-    transpose differs between the two.
+    transpose differs between the two. x viewed [M, b_1, ..., b_L]: each step multiplies the last
+    axis by its block, then rotates that axis to the front (after L steps the order is restored).
     """
     n = x.shape[-1]
-    k, p = factor(n)
+    k, sizes = block_plan(n)
     lead = x.shape[:-1]
-    y = _butterfly(x.reshape(*lead, k, p))  # [..., K, 2^m]
-    if k > 1:
-        hk = small_hadamard(k).to(dtype=x.dtype, device=x.device)
-        hk = hk.T if transpose else hk
-        y = torch.einsum("ab,...bp->...ap", hk, y)  # H_K acts on the K axis
+    rows = x.numel() // n
+    blocks = [_block_matrix(sizes[0], k, transpose, x.dtype, x.device)]
+    blocks += [_block_matrix(b, 1, False, x.dtype, x.device) for b in sizes[1:]]
+    y = x.reshape(rows, n)
+    for block in reversed(blocks):
+        b = block.shape[0]
+        y = (y.reshape(-1, b) @ block.T).reshape(rows, n // b, b)  # [M, n/b, b]: last axis transformed
+        if len(blocks) > 1:
+            y = y.transpose(1, 2)                                 # [M, b, n/b]: rotate it to the front
     return y.reshape(*lead, n)
 
 

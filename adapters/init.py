@@ -1,4 +1,4 @@
-"""Error-aware adapter initialisations for the outside placement: y = x Q^T + x D^T.
+"""Error-aware adapter initialisations: outside placement (y = x Q^T + x D^T) and inside (W_hat = Q(W0 + D)).
 
 Notation (all [out, in] unless said):
     W   the float weight the layer was quantized from (passed in: the packed base cannot give it back)
@@ -8,8 +8,12 @@ Notation (all [out, in] unless said):
 
 Objectives: plain  ||E - D||_F  (LoftQ)  or activation-weighted  ||X (E - D)^T||_F = ||(E - D) R^T||_F.
 
-Why outside only: with the inside placement W_hat = fake_quant(W0 + D) and W0 already on the grid,
-a D of the size of E (below half a step) rounds away, so these inits would do nothing there.
+Outside: closed forms (LoftQ SVD, QWHA least squares). Inside: W_hat = Q(W0 + D) rounds D with the
+weight, so a closed-form D of the size of E (mostly below half a step) would largely round away or
+flip codes the wrong way. The inside inits therefore start from the closed form and then minimise
+the calibration output error through the rounding itself (:func:`refine_inside`): Adam on the
+adapter's parameters with the straight-through estimator, i.e. a low-rank / sparse-Hadamard
+"learned rounding" of W0 + D. The frozen base and the steps are left untouched.
 """
 
 from __future__ import annotations
@@ -176,9 +180,23 @@ def _solve_values(E, R, cols_pad, keep, coef, chunk=1024) -> torch.Tensor:
         MJ = MJ + eye * (1 - mask)[:, :, None]            # identity on padded slots
         MJ = MJ + eye * (1e-10 * coef * M.diagonal().mean())  # relative jitter: ill-conditioned supports stay solvable
         b = torch.gather(rhs_full[start:start + chunk], 1, J) * mask
-        v = torch.linalg.solve(MJ, b.unsqueeze(-1)).squeeze(-1)
-        out.append(v[mask.bool()])
+        out.append(_spd_solve(MJ, b)[mask.bool()])
     return torch.cat(out)
+
+
+def _spd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve A v = b for a batch of symmetric positive (semi)definite A [c, k, k], b [c, k].
+
+    Cholesky: half the work of LU, and torch's batched LU (MKL getrf/getrs) failed on some
+    [384, 213, 213] batches here ("Parameter 6 was incorrect on entry to DLASWP"). Rows whose
+    factorisation fails (numerically indefinite) fall back to least squares.
+    """
+    L, info = torch.linalg.cholesky_ex(A)
+    v = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+    bad = info != 0
+    if bad.any():
+        v[bad] = torch.linalg.lstsq(A[bad], b[bad].unsqueeze(-1)).solution.squeeze(-1)
+    return v
 
 
 @torch.no_grad()
@@ -206,26 +224,166 @@ def init_wht(layer, adapter: WHTAdapter, W: torch.Tensor, X: torch.Tensor | None
     adapter.set_support(rows, cols, values.float())
 
 
+# ----------------------------------------------------------------------------- inside placement
+def gram(X: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """G [in, in] = X^T X + ridge * mean(diag) I (float64): ||X M^T||_F^2 = tr(M G M^T)."""
+    X = X.double()
+    G = X.T @ X
+    return G + ridge * G.diagonal().mean().clamp_min(1e-12) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+
+
+@torch.no_grad()
+def inside_loss_and_grad(layer, W: torch.Tensor, D: torch.Tensor, G: torch.Tensor, norm: float):
+    """Calibration loss tr(M G M^T) / norm with M = W - Q(W0 + D), and its STE gradient w.r.t. D.
+
+    Q is the layer's forward quantizer (frozen steps). The straight-through gradient of
+    Q(W0 + D) w.r.t. D is 1 where (W0 + D)/s + z lies inside [qmin, qmax] and 0 where it is clamped
+    (what fake_quantize's autograd gives), so dL/dD = -2 mask * (M G) / norm: one [out, in] x [in, in]
+    GEMM, no autograd graph through the quantizer. All tensors [out, in] in G's dtype.
+    """
+    scale, zero = layer._steps()
+    w = layer.base_weight().to(G.dtype) + D
+    w_hat = P.fake_quantize(w, scale.to(G.dtype), zero, layer.spec.bits, layer.group_size)
+    qmin, qmax = P.qrange(layer.spec.bits)
+    v = P._grouped(w, layer.group_size) / scale.to(G.dtype).unsqueeze(-1)      # [out, G, g]
+    if zero is not None:
+        v = v + P.round_zero_point(zero, layer.spec.bits).to(v.dtype).unsqueeze(-1)
+    mask = ((v >= qmin) & (v <= qmax)).reshape(w.shape)
+    M = W - w_hat
+    MG = M @ G
+    loss = (MG * M).sum() / norm
+    return loss, torch.where(mask, MG, torch.zeros_like(MG)) * (-2.0 / norm)
+
+
+def refine_inside(layer, adapter, W: torch.Tensor, X: torch.Tensor, steps: int = 100, lr: float = 0.03,
+                  ridge: float = 1e-2) -> tuple[float, float]:
+    """Adam on the adapter's parameters to minimise ||X (W - Q(W0 + D))^T||^2 / ||X W^T||^2 on X.
+
+    Per-parameter learning rate lr * rms(parameter at start): the closed-form start sets the scale,
+    so one lr fits LoRA factors and WHT values alike. Keeps the best iterate; if it does not beat
+    D = 0 on the calibration loss, the adapter is reset to D = 0 (an init never hurts the fit).
+    Returns (calibration loss at D = 0, final calibration loss), both relative.
+    """
+    W = W.to(layer.base_scale.device, torch.float32)
+    G = gram(X.to(W.device), ridge).float()
+    norm = float((W @ G * W).sum())
+    zero_loss, _ = inside_loss_and_grad(layer, W, torch.zeros_like(W), G, norm)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))} for p in params]
+    _best_start(layer, adapter, W, G, norm)
+    opt = torch.optim.Adam(groups)
+    best = (float("inf"), None)
+    for step in range(steps + 1):
+        with torch.enable_grad():
+            D = adapter.delta_weight().float()                # [out, in], graph through the adapter only
+        loss, grad_D = inside_loss_and_grad(layer, W, D.detach(), G, norm)
+        if float(loss) < best[0]:
+            best = (float(loss), [p.detach().clone() for p in params])
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        D.backward(grad_D)                                    # chain rule into B, A (or WHT values)
+        opt.step()
+    with torch.no_grad():
+        if best[0] < float(zero_loss):
+            for p, v in zip(params, best[1]):
+                p.copy_(v)
+        else:
+            _zero_delta(adapter)
+    return float(zero_loss), min(best[0], float(zero_loss))
+
+
+START_SCALES = (1.0, 0.5, 0.25, 0.0)
+
+
+@torch.no_grad()
+def _best_start(layer, adapter, W, G, norm) -> None:
+    """Scale the closed-form start D by the factor in START_SCALES with the lowest calibration loss.
+
+    The closed form fits E as if nothing rounded; inside, a full-size D flips many codes the wrong
+    way (an element at 0.3 steps off grid, pushed 0.3 further, lands on the far side), so a
+    shrunken start is often better. Scaling B (LoRA) or the values (WHT) scales D linearly.
+    """
+    param = adapter.lora_B if isinstance(adapter, LoRAAdapter) else adapter.values
+    start = param.detach().clone()
+    losses = []
+    for scale in START_SCALES:
+        param.copy_(start * scale)
+        losses.append(float(inside_loss_and_grad(layer, W, adapter.delta_weight().float(), G, norm)[0]))
+    param.copy_(start * START_SCALES[min(range(len(losses)), key=losses.__getitem__)])
+
+
+@torch.no_grad()
+def _zero_delta(adapter) -> None:
+    """Set D = 0 (LoRA: B = 0, keeping A so B's gradient is live; WHT: values = 0)."""
+    if isinstance(adapter, LoRAAdapter):
+        adapter.lora_B.zero_()
+    else:
+        adapter.values.zero_()
+
+
+@torch.no_grad()
+def inside_start(layer, adapter, W: torch.Tensor, X: torch.Tensor, ridge: float = 1e-2) -> None:
+    """Closed-form start for an inside adapter: the outside init's D for E = W - Q(W0), base untouched.
+
+    LoRA: activation-weighted rank-r SVD of E (one LoftQ_act step without rewriting the base);
+    WHT: QWHA positions and least-squares values.
+    """
+    if isinstance(adapter, LoRAAdapter):
+        W = W.double()
+        R = gram_factor(X.to(W.device), ridge)
+        E = W - quantized_weight(layer).double()
+        B, Aw = _split_svd(E @ R.T, adapter.rank)
+        A = torch.linalg.solve_triangular(R, Aw.T, upper=True).T
+        adapter.lora_B.copy_(B.float() / adapter.scaling)
+        adapter.lora_A.copy_(A.float())
+    else:
+        init_wht(layer, adapter, W, X, positions="qwha", ridge=ridge)
+
+
+def init_refine(layer, adapter, W, X, steps: int = 100, lr: float = 0.03) -> tuple[float, float]:
+    """'refine' init (inside placement): closed-form start, then :func:`refine_inside`. Returns the calibration losses."""
+    inside_start(layer, adapter, W, X)
+    return refine_inside(layer, adapter, W, X, steps=steps, lr=lr)
+
+
 # ----------------------------------------------------------------------------- dispatch
-INITS = ("zero", "loftq", "loftq_act", "qwha", "wht_random")
+INITS = ("zero", "loftq", "loftq_act", "qwha", "wht_random", "refine")
+INSIDE_INITS = ("refine",)  # every other non-zero init is a closed form for the outside placement
 
 
-def initialise(layer, adapter, init: str, W=None, X=None, iters: int = 5) -> None:
-    """Apply ``init`` to ``adapter`` (already attached to ``layer``); 'zero' leaves it as built."""
+def check_init_placement(init: str, placement: str) -> None:
+    """Closed-form inits are for outside adapters; 'refine' (through the rounding) for inside ones."""
     if init == "zero":
         return
+    if init in INSIDE_INITS and placement != "inside":
+        raise ValueError(f"init {init!r} optimises through the weight's rounding: it needs placement='inside' "
+                         "(outside adapters: use loftq / loftq_act / qwha / wht_random)")
+    if init not in INSIDE_INITS and placement != "outside":
+        raise ValueError(
+            f"init {init!r} needs placement='outside': with the weight rounded after the adapter, its "
+            f"closed-form correction (below half a step) rounds away; inside, use init='refine'"
+        )
+
+
+def initialise(layer, adapter, init: str, W=None, X=None, iters: int = 5, steps: int = 100):
+    """Apply ``init`` to ``adapter`` (already attached to ``layer``); 'zero' leaves it as built.
+
+    ``steps``: Adam steps of the 'refine' init. Returns (calibration loss at D = 0, after) for
+    'refine', else None.
+    """
+    if init == "zero":
+        return None
     if init not in INITS:
         raise ValueError(f"unknown adapter init {init!r}: use one of {INITS}")
-    if adapter.placement != "outside":
-        raise ValueError(
-            f"init {init!r} needs placement='outside': with the weight rounded after the adapter, "
-            "a correction below half a step rounds away (use init='zero' inside)"
-        )
+    check_init_placement(init, adapter.placement)
     if W is None:
         raise ValueError(f"init {init!r} needs the float weight the layer was quantized from")
-    needs_x = init in ("loftq_act", "qwha")
+    needs_x = init in ("loftq_act", "qwha", "refine")
     if needs_x and X is None:
         raise ValueError(f"init {init!r} needs calibration inputs (see collect_inputs)")
+    if init == "refine":
+        return init_refine(layer, adapter, W, X, steps=steps)
     lora = isinstance(adapter, LoRAAdapter)
     if init.startswith("loftq") != lora:
         raise ValueError(f"init {init!r} does not apply to a {type(adapter).__name__}")
@@ -235,3 +393,4 @@ def initialise(layer, adapter, init: str, W=None, X=None, iters: int = 5) -> Non
         init_lora_loftq(layer, adapter, W, iters, X=X)
     else:
         init_wht(layer, adapter, W, X, positions="qwha" if init == "qwha" else "random")
+    return None

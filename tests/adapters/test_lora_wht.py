@@ -135,3 +135,22 @@ def test_merge_exact_asymmetric_wide_storage(kind):
         w = layer.dense_weight().clone()
         assert merge(nn.Sequential(layer)) == 1
         assert layer.adapter is None and torch.equal(layer.dense_weight(), w)
+
+
+def test_wht_set_support_sorts_row_major():
+    # The sparse forward needs CSR (row-major) order; set_support permutes values with their positions.
+    torch.manual_seed(4)
+    a = WHTAdapter(48, 16, rank=1).double()
+    rows = torch.tensor([5, 0, 5, 2, 0])
+    cols = torch.tensor([3, 7, 1, 40, 2])
+    vals = torch.randn(5, dtype=torch.float64)
+    S = torch.zeros(16, 48, dtype=torch.float64)
+    S[rows, cols] = vals
+    a.set_support(rows, cols, vals)
+    flat = a.rows * 48 + a.cols
+    assert torch.equal(flat, flat.sort().values)
+    D = 1.0 / 16**0.5 * S @ hadamard_matrix(48) / 48
+    torch.testing.assert_close(a.delta_weight(), D, atol=1e-12, rtol=0)  # float64, O(n) sums
+    x = torch.randn(4, 48, dtype=torch.float64)
+    a.placement = "outside"
+    torch.testing.assert_close(a(x), x @ D.T, atol=1e-12, rtol=0)
