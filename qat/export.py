@@ -184,13 +184,15 @@ def export_model(
     max_shard_size: int | str = "5GB",
     recipe: dict | None = None,
     base_model: str | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` (with QuantLinear layers) as a compressed-tensors pack-quantized folder.
 
     ``source_dir`` (default: ``model.name_or_path`` when it is a local folder) supplies the
     tokenizer, generation config and sentence-transformers files; ``tokenizer`` is saved if given.
     ``recipe`` (any JSON-able dict: the training recipe) goes into the model card and
-    ``qat_config.json``. Returns the export folder.
+    ``qat_config.json``. ``state`` is a precomputed :func:`packed_state_dict` (a sharded model's,
+    gathered by ``qat.trainers.sharded_export``); None computes it here. Returns the export folder.
     """
     out_dir = Path(out_dir)
     _prepare_target(out_dir, overwrite)
@@ -201,11 +203,11 @@ def export_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        state = packed_state_dict(model)
+        state = packed_state_dict(model) if state is None else state
         _write_weights(state, tmp, max_shard_size)
         config = copy.deepcopy(model.config)  # the live model keeps its float config
         config.quantization_config = quantization_config(model)
-        config.architectures = [type(model).__name__]  # as save_pretrained records it
+        config.architectures = [_architecture(model)]  # as save_pretrained records it
         config.save_pretrained(tmp)
         _copy_source_files(source, tmp)
         if tokenizer is not None:
@@ -224,6 +226,17 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _architecture(model: nn.Module) -> str:
+    """The model's class name. FSDP2 turns a sharded model into a dynamic ``FSDP<Class>``
+    subclass (bases: FSDPModule, Class): record the class transformers knows."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if isinstance(model, FSDPModule):
+        cls = next(b for b in cls.__bases__ if b is not FSDPModule)
+    return cls.__name__
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
