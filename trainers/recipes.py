@@ -54,6 +54,7 @@ DEFAULT_RECIPE = {
     "warmup_steps": 10,
     "weight_decay": 0.0,
     "per_device_train_batch_size": 32,
+    "train_sampling_strategy": "group_by_length",  # batches of similar length: about half the padding
     "max_steps": 300,
     "logging_steps": 10,
     "save_steps": 100,

@@ -163,6 +163,18 @@ def export(args, model, tokenizer, export_dir: Path) -> None:
         qat.export_model(model, export_dir, **kw)
 
 
+def leave_process_group(args) -> bool:
+    """After a data-parallel run every rank holds the whole trained model: end the process group so
+    that rank 0 exports and reloads on its own (compressed-tensors' loader would otherwise expect
+    every rank in its collectives). Returns whether this process goes on to export."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return args.should_save
+
+
 # ---------------------------------------------------------------------------------------- reporting
 def results_table(rows: dict[str, dict]) -> str:
     keys = sorted({k for r in rows.values() for k in r})
@@ -226,7 +238,7 @@ def run(args: QATArguments) -> dict:
                          eval_dataset=eval_ds if args.eval_strategy != "no" else None,
                          data_collator=collate, processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
-    if not args.should_save:
+    if not leave_process_group(args):
         return {}
     export(args, model, tokenizer, export_dir)
     batch = {k: v.to(model.device) for k, v in collate([eval_ds[i] for i in range(min(4, len(eval_ds)))]).items()

@@ -102,3 +102,24 @@ def test_default_main_job_beats_post_training(minilm_path, tmp_path, capsys):
     cfg = yaml.safe_load(json.dumps(metrics["recipe"]))
     assert cfg["bits"] == 4 and cfg["adapter_placement"] == "inside"
     assert torch.load(out / "checkpoint-8" / "training_args.bin", weights_only=False).max_steps == 8
+
+
+def test_data_parallel_run_with_torchrun(llama_dir, tmp_path):
+    # 2 CPU processes (gloo DDP through the Trainer): train, then rank 0 exports and verifies alone.
+    import subprocess
+    import sys
+
+    data = chat_jsonl(tmp_path / "chat.jsonl")
+    out = tmp_path / "ddp"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
+    from tests.trainers.test_zo_distributed import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(script), *_sft(llama_dir, data, out, "--max_steps", "2", "--ddp_backend", "gloo")]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["export_max_abs_diff"] <= 1e-5
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 4  # per device; the global batch is 2 x 4
