@@ -190,3 +190,15 @@ def test_8bit_optimizer_states_through_bitsandbytes(tmp_path):
     assert [g["name"] for g in opt.param_groups] == ["adapters", "steps"]
     dtypes = {t.dtype for s in opt.state.values() for k, t in s.items() if k in ("state1", "state2")}
     assert torch.uint8 in dtypes
+
+
+def test_tensorboard_events_carry_the_training_loss(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(_args(tmp_path / "out", max_steps=3, save_steps=100, report_to="tensorboard"))
+    trainer.train()
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/loss")]
+    assert logged == pytest.approx([v for _, v in sorted(_losses(trainer).items())], rel=1e-6)
