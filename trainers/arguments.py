@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from qat.adapters.init import INITS as ADAPTER_INITS
@@ -84,6 +85,8 @@ class QATArguments(TrainingArguments):
         self.zeroth_order = str(self.optim) == "zo"
         if self.zeroth_order:
             self.optim = "sgd"
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch only warns without one
         super().__post_init__()
         self._check_qat_fields()
 

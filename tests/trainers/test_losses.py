@@ -51,3 +51,16 @@ def test_cosine_embedding_loss_is_one_minus_pooled_cosine():
     assert math.isclose(got.item(), sum(want) / 3, rel_tol=1e-5)  # fp32 pooling of 6x8 values
     pooled = mean_pool(hs, mask)
     assert torch.allclose(pooled[2], hs[2, 0])  # padding never enters the pooled embedding
+
+
+def test_mse_on_hidden_states_and_on_logits_ignores_padding():
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    got = distill_loss("mse", "embedding", SimpleNamespace(last_hidden_state=s),
+                       SimpleNamespace(last_hidden_state=t), {"attention_mask": mask}, 1.0)
+    kept = mask.bool()
+    want = ((s[kept].double() - t[kept].double()) ** 2).mean()  # mean over kept tokens and features
+    assert math.isclose(got.item(), want.item(), rel_tol=1e-6)
+    cls = distill_loss("mse", "seq_cls", SimpleNamespace(logits=s[:, 0]), SimpleNamespace(logits=t[:, 0]), {}, 1.0)
+    assert math.isclose(cls.item(), ((s[:, 0] - t[:, 0]) ** 2).mean().item(), rel_tol=1e-6)
