@@ -160,14 +160,15 @@ def _nbytes(t) -> int:
 def count_collective_bytes():
     """Count the bytes of every collective called through ``torch.distributed`` in the block.
 
-    Yields a dict ``{kind: bytes}`` filled as calls happen. all-gather counts the *gathered*
+    Yields a dict ``{kind: bytes}`` filled as calls happen (``{kind}_calls``: how many calls,
+    ``{kind}_sizes``: the bytes of each call, in order). all-gather counts the *gathered*
     (unsharded) buffer, reduce-scatter and all-to-all the *input* (unsharded) buffer: the bytes
     of full parameters / gradients each rank moves through the collective, the quantity bf16
     vs packed vs quantized traffic is compared on (the wire moves (world-1)/world of it).
     FSDP2 and our hook look these functions up on the module at call time, so patching the
     module attributes sees every call.
     """
-    counts: dict[str, int] = defaultdict(int)
+    counts: dict = defaultdict(int)
     originals = {}
 
     def wrap(name, kind, which):
@@ -182,6 +183,7 @@ def count_collective_bytes():
                 t = kwargs.get("input_tensor", kwargs.get("input", args[1] if len(args) > 1 else None))
             counts[kind] += _nbytes(t)
             counts[f"{kind}_calls"] += 1
+            counts.setdefault(f"{kind}_sizes", []).append(_nbytes(t))
             return fn(*args, **kwargs)
 
         return fn, counted

@@ -151,6 +151,14 @@ def test_sharded_export_equals_single_process_export(results, tmp_path, engine):
     assert (sharded / "config.json").read_text() == (single / "config.json").read_text()
 
 
+def test_sharded_checkpoint_round_trip_exports_the_same_bytes(results):
+    # A DCP checkpoint of the sharded run (packed int32 codes as DTensor shards), loaded into a
+    # model built from other weights, exports exactly what the run itself exported.
+    run = results["fsdp"]["None"]
+    a, b = Path(run["export"]), Path(run["dcp_export"])
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
 def test_sharded_export_matches_single_process_run(results, reference, tmp_path):
     # The whole recipe in one process vs on two. Training differs by fp32 summation order only,
     # so bit-identical bytes cannot be promised (the test above shows the export itself adds no

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py OUT_DIR [scenario ...]
 
-Scenarios: fsdp (FSDP2 without / with int8 / int4 quantized reduce-scatter, sharded export),
+Scenarios: fsdp (FSDP2 without / with int8 / int4 quantized reduce-scatter, sharded export, DCP checkpoint),
 rs (the quantized reduce-scatter on known tensors), deepspeed (ZeRO-3 and ZeRO-2 through
 ``deepspeed.initialize``), badworld (a mesh that does not fit the world size).
 Rank 0 saves everything the tests assert on to OUT_DIR/results.pt; the tests compare it with a
@@ -61,7 +61,24 @@ def train_fsdp(quantized_grads, out: Path, rank: int, world: int) -> dict:
         dtypes = {n: str(p.dtype) for n, p in model.named_parameters() if n.endswith("base_packed")}
         export_sharded(model, out / "fsdp_export")
         result.update(export=str(out / "fsdp_export"), raw=full_raw_params(model), code_dtypes=dtypes)
+        result["dcp_export"] = str(checkpoint_round_trip(model, out))
     return result
+
+
+def checkpoint_round_trip(model, out: Path) -> Path:
+    """Save the sharded state with torch.distributed.checkpoint (what accelerate's FSDP2
+    SHARDED_STATE_DICT writes), load it into a differently initialised sharded model, export."""
+    import torch.distributed.checkpoint as dcp
+
+    from qat.trainers.fsdp import shard_model
+    from qat.trainers.sharded_export import export_sharded
+
+    dcp.save(model.state_dict(), checkpoint_id=str(out / "dcp"))
+    fresh = shard_model(R.build_model(seed=1))  # other weights, other codes
+    state = fresh.state_dict()
+    dcp.load(state, checkpoint_id=str(out / "dcp"))
+    fresh.load_state_dict(state)
+    return export_sharded(fresh, out / "fsdp_dcp_export")
 
 
 def check_reduce_scatter(rank: int, world: int) -> dict:
@@ -106,7 +123,6 @@ def ds_config(stage: int) -> dict:
 
 
 def train_deepspeed(stage: int, out: Path, rank: int, world: int) -> dict:
-    torch.autograd.set_detect_anomaly(os.environ.get("QAT_ANOMALY") == "1")
     import deepspeed
     import deepspeed.ops
 
