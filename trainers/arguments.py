@@ -74,6 +74,9 @@ class QATArguments(TrainingArguments):
     zo_targets: str = field(default="adapters", metadata={"help": f"what ZO perturbs: {ZO_TARGETS}"})
     zo_num_perturbations: int = field(default=1)
     zo_clip: float | None = field(default=None, metadata={"help": "clip the directional derivative (QZO)"})
+    # ---------------------------------------------------------------- distributed
+    quantized_grads: str | None = field(default=None, metadata={"help": "FSDP2: reduce-scatter gradients as "
+                                                                        "'int8' or 'int4' (stochastic rounding)"})
     # ---------------------------------------------------------------- export
     export_dir: str | None = field(default=None, metadata={"help": "default <output_dir>/export"})
     verify_export: bool = field(default=True, metadata={"help": "reload the export and compare outputs"})
@@ -106,8 +109,14 @@ class QATArguments(TrainingArguments):
             raise ValueError("zo_eps must be > 0 and zo_num_perturbations >= 1")
         if self.zeroth_order and self.adapter == "none" and self.zo_targets != "steps":
             raise ValueError("optim 'zo' with adapter 'none' has no adapters to perturb: set zo_targets: steps")
+        if self.quantized_grads not in (None, "int8", "int4"):
+            raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
         self.adapter_config()
+        if self.deepspeed:  # refuse a config that would upcast the packed codes, before any engine exists
+            from qat.trainers.deepspeed_utils import check_deepspeed_config
+
+            check_deepspeed_config(self.hf_deepspeed_config.config, world_size=self.world_size)
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(bits=self.bits, group_size=None if self.group_size in (None, -1, 0) else self.group_size,

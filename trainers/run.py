@@ -149,12 +149,20 @@ def verify_export(args, model, export_dir: Path, batch: dict) -> float:
     return float((getattr(a, key).float() - getattr(b, key).float()).abs().max())
 
 
-def export(args, model, tokenizer, export_dir: Path) -> None:
+def export(args, model, tokenizer, export_dir: Path, sharded: bool = False) -> None:
+    """Packed export; ``sharded`` (FSDP2 / ZeRO-3): every rank gathers layer by layer, rank 0 writes."""
     from qat.adapters import export_with_peft
 
     replace = args.overwrite_output or bool(args.resume_from_checkpoint)  # check_paths allowed it
     kw = dict(tokenizer=tokenizer, source_dir=args.model_name_or_path, overwrite=replace,
               recipe=args.qat_dict(), base_model=args.model_name_or_path)
+    if sharded:
+        from qat.trainers.sharded_export import export_sharded
+
+        if args.adapter != "none" and args.adapter_placement == "outside":
+            raise ValueError("sharded runs export inside adapters only (outside LoRA: train with DDP)")
+        export_sharded(model, export_dir, **kw)
+        return
     outside = any(isinstance(m, qat.QuantLinear) and m.adapter is not None and m.adapter.placement == "outside"
                   for m in model.modules())
     if outside:  # base packed + adapter in peft's format (PeftModel.from_pretrained on top of the base)
@@ -238,17 +246,22 @@ def run(args: QATArguments) -> dict:
                          eval_dataset=eval_ds if args.eval_strategy != "no" else None,
                          data_collator=collate, processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded:  # every rank takes part in the gather; the sharded model cannot run after the group ends
+        export(args, model, tokenizer, export_dir, sharded=True)
     if not leave_process_group(args):
         return {}
-    export(args, model, tokenizer, export_dir)
-    batch = {k: v.to(model.device) for k, v in collate([eval_ds[i] for i in range(min(4, len(eval_ds)))]).items()
-             if k != "labels"}
-    max_diff = verify_export(args, model, export_dir, batch) if args.verify_export else None
+    max_diff = None
+    if not sharded:
+        export(args, model, tokenizer, export_dir)
+        batch = {k: v.to(model.device) for k, v in
+                 collate([eval_ds[i] for i in range(min(4, len(eval_ds)))]).items() if k != "labels"}
+        max_diff = verify_export(args, model, export_dir, batch) if args.verify_export else None
     if max_diff is not None and max_diff > 1e-3:
         raise RuntimeError(f"the export at {export_dir} does not reproduce the trained model (max |diff| "
                            f"{max_diff:.3g}); the training checkpoints in {args.output_dir} are kept")
     # The QAT row is measured on the export as reloaded by transformers (what users get).
-    qat_model = reload_export(args, export_dir) if args.verify_export else model
+    qat_model = reload_export(args, export_dir) if args.verify_export or sharded else model
     rows["qat"] = evaluate(args, qat_model, tokenizer, eval_ds, texts, collate, float_emb)
     return write_report(args, trainer, result, rows, export_dir, max_diff)
 

@@ -88,6 +88,10 @@ class QATTrainer(Trainer):
             teacher.eval().requires_grad_(False)
             teacher.to(self.args.device)
         self.recipe = recipe if recipe is not None else args.qat_dict()
+        if self.is_deepspeed_enabled:  # ZeRO-3 must gather each QuantLinear together with its adapter
+            from qat.trainers.deepspeed_utils import prepare_for_deepspeed
+
+            prepare_for_deepspeed(self.model)
         self.add_callback(FakeQuantSchedule(args.fake_quant_start_step))
         self._zo: list[ZOTensor] | None = None
         self._zo_micro = (-1, 0)  # (global step, micro-batch index) for the perturbation seed
@@ -99,7 +103,20 @@ class QATTrainer(Trainer):
             groups = parameter_groups(model, self.args)
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             self.optimizer = cls(groups, **kwargs)
+            self._setup_quantized_grads()
         return self.optimizer
+
+    def _setup_quantized_grads(self) -> None:
+        """FSDP2 builds the model before the optimizer: route its reduce-scatter through int8 / int4."""
+        if self.args.quantized_grads is None:
+            return
+        if not self.is_fsdp_enabled:
+            raise ValueError("quantized_grads needs FSDP2 (accelerate launch --config_file "
+                             "scripts/accelerate/fsdp2.yaml); under DeepSpeed use zero_quantized_gradients")
+        from qat.trainers.fsdp import check_packed_codes, set_quantized_reduce_scatter
+
+        set_quantized_reduce_scatter(self.model, self.args.quantized_grads, seed=self.args.seed)
+        check_packed_codes(self.model)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -65,3 +65,11 @@ def test_default_recipe_file_matches_embedded_default():
 def test_every_shipped_recipe_validates(name, tmp_path):
     build_arguments(["--config", str(RECIPES / name), "--model_name_or_path", str(tmp_path),
                      "--dataset", "pydoc", "--output_dir", str(tmp_path / "o")])
+
+
+def test_deepspeed_config_that_upcasts_codes_is_refused_at_once(tmp_path):
+    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3, "zero_quantized_weights": True}}
+    with pytest.raises(ValueError, match="zero_quantized_weights: ZeRO\\+\\+ would cast qat's packed int32 codes"):
+        QATArguments(output_dir=str(tmp_path), report_to="none", deepspeed=cfg)
+    with pytest.raises(ValueError, match="quantized_grads='int2'"):
+        QATArguments(output_dir=str(tmp_path), report_to="none", quantized_grads="int2")

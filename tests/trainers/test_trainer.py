@@ -202,3 +202,10 @@ def test_tensorboard_events_carry_the_training_loss(tmp_path):
     events.Reload()
     logged = [e.value for e in events.Scalars("train/loss")]
     assert logged == pytest.approx([v for _, v in sorted(_losses(trainer).items())], rel=1e-6)
+
+
+def test_quantized_grads_without_fsdp_is_refused_before_the_first_step(tmp_path):
+    trainer = _trainer(_args(tmp_path, quantized_grads="int8", max_steps=1))
+    with pytest.raises(ValueError, match="quantized_grads needs FSDP2"):
+        trainer.train()
+    assert not list(tmp_path.glob("checkpoint-*"))
