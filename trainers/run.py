@@ -27,7 +27,8 @@ def check_paths(args: QATArguments) -> Path:
     """Refuse, before loading anything, to overwrite a run or an export the user already has."""
     path = args.model_name_or_path
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    if not Path(path).exists() and (offline or path.startswith((".", "/")) or path.count("/") != 1):
+    # Offline, or written as a path: it must exist here. Online, anything else may be a Hub id.
+    if not Path(path).exists() and (offline or path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise ValueError(f"model {path!r} does not exist: pass a local model folder"
                          + ("" if offline else " or a Hub id (owner/name)"))
     out = Path(args.output_dir)
