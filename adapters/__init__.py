@@ -30,7 +30,7 @@ CONFIG_FILE = "qat_adapter_config.json"
 WEIGHTS_FILE = "qat_adapter.safetensors"
 
 __all__ = [
-    "AdapterConfig", "LoRAAdapter", "WHTAdapter", "attach", "collect_inputs", "merge",
+    "AdapterConfig", "LoRAAdapter", "WHTAdapter", "attach", "collect_inputs", "merge", "is_adapter_name",
     "adapter_state_dict", "load_adapter_state_dict", "save_adapters", "load_adapters",
     "save_peft", "export_with_peft", "detached_outside",
 ]
@@ -151,9 +151,14 @@ def merge(model: nn.Module) -> int:
     return count
 
 
+def is_adapter_name(name: str) -> bool:
+    """Whether a parameter / state-dict name lives under an adapter (the shared ``adapter`` prefix)."""
+    return ".adapter." in name or name.startswith("adapter.")
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor under a ``.adapter.`` submodule (parameters and WHT positions)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".adapter." in k or k.startswith("adapter.")}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if is_adapter_name(k)}
 
 
 @torch.no_grad()

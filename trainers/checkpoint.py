@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.adapters import is_adapter_name, load_adapter_state_dict
 from qat.quant_linear import QuantLinear
 
 TRAINABLE_FILE = "qat_trainable.safetensors"
@@ -27,7 +28,7 @@ def trainable_state(model: nn.Module, state_dict: dict | None = None) -> dict[st
     state = state_dict if state_dict is not None else model.state_dict()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().cpu().contiguous() for k, v in state.items()
-            if k in trainable or ".adapter." in k or k.startswith("adapter.")}
+            if k in trainable or is_adapter_name(k)}
 
 
 def base_fingerprints(model: nn.Module) -> dict[str, str]:
@@ -82,14 +83,12 @@ def load_checkpoint(model: nn.Module, folder: str | Path) -> dict:
     own = trainable_state(model)
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     # WHT supports may hold a different number of positions: load_adapter_state_dict resizes them.
-    bad_shape = [k for k in set(own) & set(state) if own[k].shape != state[k].shape and ".adapter." not in k]
+    bad_shape = [k for k in set(own) & set(state) if own[k].shape != state[k].shape and not is_adapter_name(k)]
     if missing or extra or bad_shape:
         raise ValueError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
                          f"unexpected {extra[:3]}, shape mismatch {bad_shape[:3]}")
-    adapter_keys = {k for k in state if ".adapter." in k or k.startswith("adapter.")}
+    adapter_keys = {k for k in state if is_adapter_name(k)}
     if adapter_keys:
-        from qat.adapters import load_adapter_state_dict
-
         load_adapter_state_dict(model, {k: state[k] for k in adapter_keys})
     model.load_state_dict({k: v for k, v in state.items() if k not in adapter_keys}, strict=False)
     return meta["recipe"]

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
+from qat.adapters import is_adapter_name
 from qat.quant_linear import QuantLinear
 from qat.trainers import checkpoint as ckpt
 from qat.trainers.losses import distill_loss, model_inputs
@@ -54,7 +56,7 @@ def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if ".adapter." in name or name.startswith("adapter."):
+        if is_adapter_name(name):
             roles["adapters"].append(p)
         elif name.endswith("weight_scale"):
             roles["steps"].append(p)
@@ -69,12 +71,6 @@ def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
     if not groups:
         raise ValueError("nothing to train: attach an adapter (adapter: lora | wht) or set learn_scale: true")
     return groups
-
-
-def last_checkpoint(output_dir: str) -> str | None:
-    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                     if p.name.split("-")[-1].isdigit() else -1)
-    return str(folders[-1]) if folders else None
 
 
 class QATTrainer(Trainer):
@@ -138,7 +134,8 @@ class QATTrainer(Trainer):
         if torch.isfinite(loss.detach()).all():
             return
         step = self.state.global_step + 1
-        kept = last_checkpoint(self.args.output_dir)
+        out = self.args.output_dir
+        kept = get_last_checkpoint(out) if Path(out).is_dir() else None
         where = f"the last good checkpoint is {kept} (resume with --resume_from_checkpoint {kept})" if kept \
             else "no checkpoint had been saved yet"
         raise NonFiniteLossError(
