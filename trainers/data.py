@@ -111,8 +111,7 @@ def tokenize(ds: Dataset, tokenizer, args, spec: str) -> Dataset:
         out = _tokenize_text(ds, tokenizer, args.text_column, args.max_length)
         return out.map(lambda ex: {"labels": list(ex["input_ids"])})
     _require(ds, args.text_column, "text_column", spec)
-    out = _tokenize_text(ds.remove_columns([c for c in ds.column_names if c in ("input_ids", "labels")]),
-                         tokenizer, args.text_column, args.max_length)
+    out = _tokenize_text(ds, tokenizer, args.text_column, args.max_length)  # drops every raw column
     if args.task == "seq_cls":
         _require(ds, args.label_column, "label_column", spec)
         out = out.add_column("labels", list(ds[args.label_column]))

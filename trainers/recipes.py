@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from qat.trainers.arguments import QATArguments, check_keys, field_names
+from qat.trainers.arguments import QATArguments, check_keys
 
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -151,7 +151,7 @@ def help_text() -> str:
              "float self on pydoc_data text), written under ./outputs/minilm-w4-lora/.", "",
              "KEY is any QATArguments field (TrainingArguments + qat's):"]
     for f in dataclasses.fields(QATArguments):
-        if f.name in field_names():
+        if f.init:
             help_ = f.metadata.get("help", "")
             lines.append(f"  --{f.name}" + (f"  {help_.splitlines()[0][:90]}" if help_ else ""))
     return "\n".join(lines)

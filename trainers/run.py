@@ -68,10 +68,15 @@ def adapter_dir_for(export_dir: Path) -> Path:
     return export_dir.with_name(export_dir.name + "-adapter")
 
 
+def outside_adapter(args) -> bool:
+    """The recipe puts adapters outside the quantizer: they export beside the base, in peft's format."""
+    return args.adapter != "none" and args.adapter_placement == "outside"
+
+
 def reload_export(args, export_dir: Path):
     """The export as a user loads it: transformers (+ PeftModel for an outside adapter)."""
     adapter = adapter_dir_for(export_dir)
-    if args.adapter == "none" or args.adapter_placement != "outside":
+    if not outside_adapter(args):
         return load_model(str(export_dir), args.task).eval()
     import transformers
     from peft import PeftModel
@@ -92,20 +97,38 @@ def calibration_inputs(model, dataset, layer_names: list[str], n: int) -> dict[s
         return collect_inputs(model, layer_names, batches)
 
 
-def prepare_model(args: QATArguments, model, train_dataset):
-    """Quantize in place and attach adapters (with calibration for error-aware inits); returns the model."""
+def calibrate(args: QATArguments, model, train_dataset) -> dict:
+    """What error-aware adapter inits need from the float model, before it is quantized:
+    float weights W and calibration inputs X per layer to be quantized (empty for zero init)."""
+    adapter_cfg = args.adapter_config()
+    if adapter_cfg is None or adapter_cfg.init == "zero":
+        return {}
+    quant_cfg = args.quant_config()
+    names = [n for n, _ in qat.surgery.linear_layers(model) if quant_cfg.selects(n)]
+    float_weights = {n: model.get_submodule(n).weight.detach().float().clone() for n in names}
+    calib = calibration_inputs(model.eval(), train_dataset, names, args.calibration_samples)
+    return {"float_weights": float_weights, "calib": calib}
+
+
+def quantize(args: QATArguments, model):
+    """Freeze everything, then swap the linear layers for QuantLinear (steps trainable); in place."""
+    model.requires_grad_(False)  # only steps and adapters train
+    return qat.quantize_model(model, args.quant_config())
+
+
+def attach_adapters(args: QATArguments, model, calibration: dict) -> None:
     from qat.adapters import attach
 
     adapter_cfg = args.adapter_config()
-    model.requires_grad_(False)  # only steps and adapters train
-    float_weights = calib = None
-    if adapter_cfg is not None and adapter_cfg.init != "zero":
-        names = [n for n, _ in qat.surgery.linear_layers(model) if args.quant_config().selects(n)]
-        float_weights = {n: model.get_submodule(n).weight.detach().float().clone() for n in names}
-        calib = calibration_inputs(model.eval(), train_dataset, names, args.calibration_samples)
-    qat.quantize_model(model, args.quant_config())
     if adapter_cfg is not None:
-        attach(model, adapter_cfg, calib=calib, float_weights=float_weights)
+        attach(model, adapter_cfg, **calibration)
+
+
+def prepare_model(args: QATArguments, model, train_dataset):
+    """Quantize in place and attach adapters (with calibration for error-aware inits); returns the model."""
+    calibration = calibrate(args, model, train_dataset)
+    quantize(args, model)
+    attach_adapters(args, model, calibration)
     return model
 
 
@@ -140,9 +163,8 @@ def evaluate(args, model, tokenizer, eval_dataset, texts, collate, reference=Non
     return {}
 
 
-def verify_export(args, model, export_dir: Path, batch: dict) -> float:
-    """Reload the export with transformers and compare its outputs with the trained model's: max |diff|."""
-    reloaded = reload_export(args, export_dir)
+def export_max_diff(args, model, reloaded, batch: dict) -> float:
+    """Max |diff| between the trained model's outputs and its reloaded export's on ``batch``."""
     model.eval()
     with torch.no_grad():
         a, b = model(**batch), reloaded(**batch)
@@ -160,13 +182,11 @@ def export(args, model, tokenizer, export_dir: Path, sharded: bool = False) -> N
     if sharded:
         from qat.trainers.sharded_export import export_sharded
 
-        if args.adapter != "none" and args.adapter_placement == "outside":
+        if outside_adapter(args):
             raise ValueError("sharded runs export inside adapters only (outside LoRA: train with DDP)")
         export_sharded(model, export_dir, **kw)
         return
-    outside = any(isinstance(m, qat.QuantLinear) and m.adapter is not None and m.adapter.placement == "outside"
-                  for m in model.modules())
-    if outside:  # base packed + adapter in peft's format (PeftModel.from_pretrained on top of the base)
+    if outside_adapter(args):  # base packed + adapter in peft's format (PeftModel.from_pretrained on top)
         export_with_peft(model, export_dir, adapter_dir_for(export_dir), **kw)
     else:
         qat.export_model(model, export_dir, **kw)
@@ -236,12 +256,11 @@ def run(args: QATArguments) -> dict:
         from qat.evaluation import embedding_agreement
 
         rows["float"] = embedding_agreement(float_emb, float_emb)
-        ptq = qat.quantize_model(copy.deepcopy(model), args.quant_config())
-        rows["post-training"] = evaluate(args, ptq, tokenizer, eval_ds, texts, collate, float_emb)
-        del ptq
-    prepare_model(args, model, train_ds)
-    if float_emb is None:  # LMs: adapters start at zero or error-aware, so this row is PTQ (+ init)
-        rows["post-training"] = evaluate(args, model, tokenizer, eval_ds, texts, collate)
+    # prepare_model's steps, with the post-training row measured between quantizing and the adapters
+    calibration = calibrate(args, model, train_ds)
+    quantize(args, model)
+    rows["post-training"] = evaluate(args, model, tokenizer, eval_ds, texts, collate, float_emb)
+    attach_adapters(args, model, calibration)
 
     trainer = QATTrainer(model=model, args=args, teacher=teacher, train_dataset=train_ds,
                          eval_dataset=eval_ds if args.eval_strategy != "no" else None,
@@ -252,18 +271,21 @@ def run(args: QATArguments) -> dict:
         export(args, model, tokenizer, export_dir, sharded=True)
     if not leave_process_group(args):
         return {}
-    max_diff = None
     if not sharded:
         export(args, model, tokenizer, export_dir)
+    # The QAT row is measured on the export as reloaded by transformers (what users get); a sharded
+    # model cannot run once the process group has ended, so only its reload can be measured.
+    reloaded = reload_export(args, export_dir) if args.verify_export or sharded else None
+    max_diff = None
+    if reloaded is not None and not sharded:
         batch = {k: v.to(model.device) for k, v in
                  collate([eval_ds[i] for i in range(min(4, len(eval_ds)))]).items() if k != "labels"}
-        max_diff = verify_export(args, model, export_dir, batch) if args.verify_export else None
-    if max_diff is not None and max_diff > 1e-3:
-        raise RuntimeError(f"the export at {export_dir} does not reproduce the trained model (max |diff| "
-                           f"{max_diff:.3g}); the training checkpoints in {args.output_dir} are kept")
-    # The QAT row is measured on the export as reloaded by transformers (what users get).
-    qat_model = reload_export(args, export_dir) if args.verify_export or sharded else model
-    rows["qat"] = evaluate(args, qat_model, tokenizer, eval_ds, texts, collate, float_emb)
+        max_diff = export_max_diff(args, model, reloaded, batch)
+        if max_diff > 1e-3:
+            raise RuntimeError(f"the export at {export_dir} does not reproduce the trained model (max |diff| "
+                               f"{max_diff:.3g}); the training checkpoints in {args.output_dir} are kept")
+    rows["qat"] = evaluate(args, reloaded if reloaded is not None else model, tokenizer, eval_ds, texts,
+                           collate, float_emb)
     return write_report(args, trainer, result, rows, export_dir, max_diff)
 
 
