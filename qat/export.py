@@ -110,6 +110,23 @@ def _check_exportable(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 
 
 @torch.no_grad()
+def layer_export_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
+    """One (whole, unsharded) layer's export tensors: packed codes, steps, shape, zero points, bias."""
+    codes, scale, zero = layer.export_codes()
+    bits = layer.spec.export_bits
+    out = {
+        f"{name}.weight_packed": pack_int32(codes, bits),
+        f"{name}.weight_scale": scale.contiguous(),
+        f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
+    }
+    if zero is not None:
+        out[f"{name}.weight_zero_point"] = pack_int32(zero, bits, dim=0)
+    if layer.bias is not None:
+        out[f"{name}.bias"] = layer.bias.detach().contiguous()
+    return out
+
+
+@torch.no_grad()
 def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every QuantLinear replaced by its packed export tensors."""
     layers = dict(_check_exportable(model))
@@ -125,15 +142,7 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         seen_storage.add(ident)
         state[key] = tensor.detach().contiguous()
     for name, layer in layers.items():
-        codes, scale, zero = layer.export_codes()
-        bits = layer.spec.export_bits
-        state[f"{name}.weight_packed"] = pack_int32(codes, bits)
-        state[f"{name}.weight_scale"] = scale.contiguous()
-        state[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
-        if zero is not None:
-            state[f"{name}.weight_zero_point"] = pack_int32(zero, bits, dim=0)
-        if layer.bias is not None:
-            state[f"{name}.bias"] = layer.bias.detach().contiguous()
+        state.update(layer_export_tensors(name, layer))
     return state
 
 

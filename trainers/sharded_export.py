@@ -19,9 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from qat.export import _check_exportable, export_model
-from qat.packing import pack_int32
-from qat.quant_linear import QuantLinear
+from qat.export import _check_exportable, export_model, layer_export_tensors
 
 
 def _rank() -> int:
@@ -83,22 +81,6 @@ def _state_owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return owners
 
 
-def _layer_export_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
-    """The export tensors of one (full) layer: the same lines as ``qat.export.packed_state_dict``."""
-    codes, scale, zero = layer.export_codes()
-    bits = layer.spec.export_bits
-    out = {
-        f"{name}.weight_packed": pack_int32(codes, bits),
-        f"{name}.weight_scale": scale.contiguous(),
-        f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
-    }
-    if zero is not None:
-        out[f"{name}.weight_zero_point"] = pack_int32(zero, bits, dim=0)
-    if layer.bias is not None:
-        out[f"{name}.bias"] = layer.bias.detach().contiguous()
-    return out
-
-
 @torch.no_grad()
 def gather_packed_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
     """``qat.export.packed_state_dict`` of a sharded model, assembled one module at a time.
@@ -125,7 +107,7 @@ def gather_packed_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[
                 state[key] = t.detach().to("cpu", copy=True).contiguous()
     for name, layer in layers.items():
         with full_parameters(layer):
-            tensors = _layer_export_tensors(name, layer)
+            tensors = layer_export_tensors(name, layer)
         if keep:
             state.update({k: v.to("cpu") for k, v in tensors.items()})
     return state
