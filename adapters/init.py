@@ -53,15 +53,19 @@ def collect_inputs(model: nn.Module, layer_names: list[str], batches) -> dict[st
     return {n: torch.cat(xs) for n, xs in store.items() if xs}
 
 
-def gram_factor(X: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
-    """R [in, in] upper triangular with R^T R = X^T X + ridge * mean(diag) I (float64).
+def gram(X: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """G [in, in] = X^T X + ridge * mean(diag) I (float64): ||X M^T||_F^2 = tr(M G M^T).
 
-    The ridge (relative to the mean input energy) keeps R invertible when N < in or X is rank-deficient.
+    The ridge (relative to the mean input energy) keeps G invertible when N < in or X is rank-deficient.
     """
     X = X.double()
     G = X.T @ X
-    G = G + ridge * G.diagonal().mean().clamp_min(1e-12) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    return torch.linalg.cholesky(G, upper=True)
+    return G + ridge * G.diagonal().mean().clamp_min(1e-12) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+
+
+def gram_factor(X: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """R [in, in] upper triangular with R^T R = gram(X, ridge) (float64)."""
+    return torch.linalg.cholesky(gram(X, ridge), upper=True)
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -225,13 +229,6 @@ def init_wht(layer, adapter: WHTAdapter, W: torch.Tensor, X: torch.Tensor | None
 
 
 # ----------------------------------------------------------------------------- inside placement
-def gram(X: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
-    """G [in, in] = X^T X + ridge * mean(diag) I (float64): ||X M^T||_F^2 = tr(M G M^T)."""
-    X = X.double()
-    G = X.T @ X
-    return G + ridge * G.diagonal().mean().clamp_min(1e-12) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-
-
 @torch.no_grad()
 def inside_loss_and_grad(layer, W: torch.Tensor, D: torch.Tensor, G: torch.Tensor, norm: float):
     """Calibration loss tr(M G M^T) / norm with M = W - Q(W0 + D), and its STE gradient w.r.t. D.
