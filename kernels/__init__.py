@@ -1,9 +1,13 @@
 """qat.kernels: fused Triton kernels for QuantLinear, behind ``torch.library`` ops.
 
-    ops             qat::dequant_fakequant / quant_linear_fwd / quant_linear_dx (reference on
-                    every device, Triton on CUDA, fake impls for torch.compile)
+    ops             qat::dequant_fakequant / quant_linear_fwd / quant_linear_dx /
+                    quant_linear_grads (reference on every device, Triton on CUDA, fake impls
+                    for torch.compile)
     triton_kernels  the kernels themselves (imports triton: import lazily)
     dispatch        use_kernels("auto" | "triton" | "reference") and the layer-facing calls
+                    (quant_linear, quant_linear_backward, dense_weight)
+
+docs/KERNELS.md says what is built and which GPU figures are still missing.
 
 Nothing here imports triton at package import.
 """

@@ -11,6 +11,8 @@ the previous mode on exit. The layer-facing entry points take a ``QuantLinear``:
 
     quant_linear(x, layer)        -> x @ W_hat^T          (no bias, no outside adapter)
     quant_linear_dx(grad_y, layer) -> grad_y @ W_hat
+    quant_linear_backward(grad_y, x, layer, trainables) -> (dX, gradients of the steps, zero
+                                  points and inside-adapter parameters; LoRA's A and B fused)
     dense_weight(layer)           -> W_hat (no autograd)
 """
 
@@ -62,11 +64,18 @@ def triton_available() -> bool:
     return True
 
 
-def weight_args(layer) -> tuple:
-    """The op's weight arguments for a QuantLinear (steps cast to the saved dtype, as the layer)."""
+def _inside_adapter(layer):
+    adapter = layer.adapter
+    return adapter if adapter is not None and adapter.placement == "inside" else None
+
+
+def weight_args(layer, delta: torch.Tensor | None = None) -> tuple:
+    """The op's weight arguments for a QuantLinear (steps cast to the saved dtype, as the layer).
+
+    ``delta``: the inside adapter's D when the caller has built it already (else built here).
+    """
     scale, zero = layer._steps()
-    delta = None
-    if layer.adapter is not None and layer.adapter.placement == "inside":
+    if delta is None and _inside_adapter(layer) is not None:
         delta = layer.adapter.delta_weight()
     qmin, qmax = P.qrange(layer.spec.bits)
     return (layer.base_packed, layer.base_scale, layer.base_zero_point, scale.detach(),
@@ -91,19 +100,24 @@ def kernel_path(layer, act) -> str:
     return "op" if act.is_cuda and triton_available() else "reference"
 
 
+def _run(name: str, path: str, *args):
+    """Call the Triton launcher (path "triton") or the torch.library op (path "op") ``name``."""
+    if path == "triton":
+        from qat.kernels import triton_kernels as TK
+
+        return getattr(TK, name)(*args)
+    import qat.kernels.ops  # noqa: F401  (registers the ops)
+
+    return getattr(torch.ops.qat, name)(*args)
+
+
 def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y = x @ W_hat^T (no bias) for the forward; no autograd through the result."""
     path = kernel_path(layer, x)
     if path == "reference":
         with torch.no_grad():
             return F.linear(x, layer.dense_weight().to(x.dtype))
-    if path == "triton":
-        from qat.kernels import triton_kernels as TK
-
-        return TK.quant_linear_fwd(x, *weight_args(layer))
-    import qat.kernels.ops  # noqa: F401  (registers the ops)
-
-    return torch.ops.qat.quant_linear_fwd(x, *weight_args(layer))
+    return _run("quant_linear_fwd", path, x, *weight_args(layer))
 
 
 def quant_linear_dx(grad_y: torch.Tensor, layer) -> torch.Tensor:
@@ -112,13 +126,76 @@ def quant_linear_dx(grad_y: torch.Tensor, layer) -> torch.Tensor:
     if path == "reference":
         with torch.no_grad():
             return grad_y @ layer.dense_weight().to(grad_y.dtype)
-    if path == "triton":
-        from qat.kernels import triton_kernels as TK
+    return _run("quant_linear_dx", path, grad_y, *weight_args(layer))
 
-        return TK.quant_linear_dx(grad_y, *weight_args(layer))
-    import qat.kernels.ops  # noqa: F401
 
-    return torch.ops.qat.quant_linear_dx(grad_y, *weight_args(layer))
+def _plain_lora(adapter):
+    """The adapter when its D is exactly LoRAAdapter's (alpha/r) B A, so the kernel can reduce
+    dB = dD A^T and dA = B^T dD itself; None for any other inside adapter."""
+    if adapter is None:
+        return None
+    from qat.adapters.lora import LoRAAdapter
+
+    plain = isinstance(adapter, LoRAAdapter) and type(adapter).delta_weight is LoRAAdapter.delta_weight
+    return adapter if plain else None
+
+
+def quant_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, layer, trainables,
+                          need_dx: bool = True) -> tuple:
+    """(dX or None, gradients for ``trainables``) of y = x W_hat^T through the fused kernels:
+    dX = grad_y @ W_hat, and the step / zero-point / inside-adapter gradients reduced from
+    G = grad_y^T x tile by tile; no dense W_hat or G. grad_y [..., out], x [..., in];
+    ``trainables`` is ``layer.trainable_tensors()``, the order of the returned list.
+
+    Steps and zero points come straight from the op; a plain LoRA's A and B too. Any other
+    inside adapter gets dD [out, in] from the op and its own autograd maps dD to its parameters.
+    The adapter's D is built once for both ops.
+    """
+    path = kernel_path(layer, grad_y)
+    adapter = _inside_adapter(layer)
+    wanted = {id(t) for t in trainables}
+    adapter_wanted = adapter is not None and any(id(p) in wanted for p in adapter.parameters())
+    lora = _plain_lora(adapter) if adapter_wanted else None
+    delta = delta_graph = None
+    if adapter is not None:
+        if adapter_wanted and lora is None:
+            with torch.enable_grad():
+                delta_graph = adapter.delta_weight()  # D with its graph to the adapter's parameters
+            delta = delta_graph.detach()
+        else:
+            with torch.no_grad():
+                delta = adapter.delta_weight()
+    weight = weight_args(layer, delta)
+    grad_x = _run("quant_linear_dx", path, grad_y, *weight) if need_dx else None
+    if not trainables:
+        return grad_x, []
+    lora_args = (None, None, 1.0) if lora is None else (lora.lora_A.detach(), lora.lora_B.detach(), lora.scaling)
+    args = (grad_y, x, *weight, P.lsq_grad_scale(layer.group_size, layer.spec.bits), *lora_args,
+            delta_graph is not None)
+    # The op's CUDA impl falls back to the reference itself; direct Triton needs the tile check.
+    if path == "op" or (path == "triton" and _grads_tile_ok(layer.group_size)):
+        outs = _run("quant_linear_grads", path, *args)
+    else:
+        from qat.kernels import ops
+
+        outs = ops.reference_grads(*args)
+    grad_scale, grad_zero, grad_delta, grad_a, grad_b = outs
+    found = {id(layer.weight_scale): grad_scale.to(layer.weight_scale.dtype)}  # the cast's backward
+    if layer.weight_zero_point is not None:
+        found[id(layer.weight_zero_point)] = grad_zero.to(layer.weight_zero_point.dtype)
+    if lora is not None:
+        found[id(lora.lora_A)], found[id(lora.lora_B)] = grad_a, grad_b
+    if delta_graph is not None:
+        params = [p for p in adapter.parameters() if id(p) in wanted]
+        found.update(zip(map(id, params),
+                         torch.autograd.grad(delta_graph, params, grad_delta, allow_unused=True)))
+    return grad_x, [found.get(id(t)) for t in trainables]
+
+
+def _grads_tile_ok(group_size: int) -> bool:
+    from qat.kernels import triton_kernels as TK
+
+    return bool(TK.grads_block_k(group_size))
 
 
 def dense_weight(layer) -> torch.Tensor:
@@ -127,10 +204,4 @@ def dense_weight(layer) -> torch.Tensor:
     if path == "reference":
         with torch.no_grad():
             return layer.dense_weight()
-    if path == "triton":
-        from qat.kernels import triton_kernels as TK
-
-        return TK.dequant_fakequant(*weight_args(layer))
-    import qat.kernels.ops  # noqa: F401
-
-    return torch.ops.qat.dequant_fakequant(*weight_args(layer))
+    return _run("dequant_fakequant", path, *weight_args(layer))

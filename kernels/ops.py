@@ -3,6 +3,8 @@
     qat::dequant_fakequant(weight args) -> W_hat [out, in]          (out_dtype)
     qat::quant_linear_fwd(x, weight args) -> y = x @ W_hat^T         (x's dtype, no bias)
     qat::quant_linear_dx(grad_y, weight args) -> dX = grad_y @ W_hat (grad_y's dtype)
+    qat::quant_linear_grads(grad_y, x, weight args, lsq_scale, lora_a, lora_b, lora_scaling,
+                            delta_grad) -> (d weight_scale, d weight_zero, d delta, d lora_A, d lora_B)
 
 Weight args, in order: ``base_packed`` int32 [out, words], ``base_scale`` [out, G],
 ``base_zero`` [out, G] or None, ``weight_scale`` [out, G] (already in the layer's scale dtype),
@@ -13,8 +15,9 @@ Weight args, in order: ``base_packed`` int32 [out, words], ``base_scale`` [out, 
 
 Every device gets the reference (``qat.primitives`` / ``qat.packing``); CUDA gets the Triton
 kernels when triton is importable and the dtypes are supported. The fake implementations give
-torch.compile the output shapes. The ops carry no autograd: QuantLinear's recomputed backward
-calls ``quant_linear_dx`` for dX and differentiates the reference W_hat for the steps.
+torch.compile the output shapes. The ops carry no autograd: they are the pieces of
+QuantLinear's recomputed backward, which calls ``quant_linear_dx`` for dX and
+``quant_linear_grads`` for the step, zero-point and inside-adapter gradients.
 """
 
 from __future__ import annotations
@@ -41,16 +44,54 @@ def bits_from_range(qmin: int, qmax: int) -> float:
     return bits
 
 
+def _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features):
+    """W0 + D [out, in] fp32, as ``QuantLinear.pre_quant_weight``."""
+    codes = unpack_int32(base_packed, storage_bits, in_features)
+    w = P.dequantize(codes, base_scale, base_zero, storage_bits, group_size)
+    return w if delta is None else w + delta.float()
+
+
 @torch.no_grad()
 def reference_w_hat(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
                     storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype):
     """W_hat exactly as ``QuantLinear.dense_weight`` computes it, through ``qat.primitives``."""
-    codes = unpack_int32(base_packed, storage_bits, in_features)
-    w = P.dequantize(codes, base_scale, base_zero, storage_bits, group_size)
-    if delta is not None:
-        w = w + delta.float()
+    w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features)
     bits = bits_from_range(bits_qmin, bits_qmax)
     return P.fake_quantize(w, weight_scale, weight_zero, bits, group_size).to(out_dtype)
+
+
+@torch.no_grad()
+def reference_grads(grad_y, x, base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
+                    storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype,
+                    lsq_scale, lora_a, lora_b, lora_scaling, delta_grad):
+    """The backward of QuantLinear's recomputed linear, for ``qat::quant_linear_grads``:
+    G = grad_y^T x (``P.linear_weight_grad``, fp32) through ``P.fake_quantize_backward``.
+
+    An op's implementation runs below autograd, so this spells the gradients out instead of
+    differentiating ``fake_quantize``; the tests check the two agree. Returns (grad
+    weight_scale [out, G], grad weight_zero [out, G], grad delta [out, in], grad lora_A [r, in],
+    grad lora_B [out, r]), each in its input's dtype; an empty [0] tensor for those not asked
+    for (no zero point; ``delta_grad`` False; no LoRA factors). With LoRA factors,
+    D = lora_scaling * B @ A (``LoRAAdapter.delta_weight``) and ``delta`` must be it.
+    """
+    def empty():  # a fresh [0] tensor per unused output (op outputs may not alias each other)
+        return weight_scale.new_empty(0)
+
+    w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features)
+    acc = torch.promote_types(torch.float32, weight_scale.dtype)     # fp32 (fp64 for fp64 steps)
+    grad_w = P.linear_weight_grad(grad_y, x, acc)                    # G [out, in]
+    bits = bits_from_range(bits_qmin, bits_qmax)
+    d_w, d_scale, d_zero = P.fake_quantize_backward(w, weight_scale, weight_zero, bits, group_size,
+                                                    grad_w, lsq_scale)
+    grad_zero = empty() if weight_zero is None else d_zero.to(weight_zero.dtype)
+    grad_delta, grad_a, grad_b = empty(), empty(), empty()
+    if lora_a is not None:
+        d_w = d_w * lora_scaling                                     # dL/d(B A), [out, in]
+        grad_a = (lora_b.to(acc).t() @ d_w).to(lora_a.dtype)         # [r, in]
+        grad_b = (d_w @ lora_a.to(acc).t()).to(lora_b.dtype)         # [out, r]
+    elif delta_grad and delta is not None:
+        grad_delta = d_w.to(delta.dtype)
+    return d_scale.to(weight_scale.dtype), grad_zero, grad_delta, grad_a, grad_b
 
 
 def _triton_ok(*tensors) -> bool:
@@ -144,3 +185,47 @@ def _(grad_y, *weight):
 
         return TK.quant_linear_dx(grad_y, *weight)
     return grad_y @ reference_w_hat(*weight).to(grad_y.dtype)
+
+
+# --------------------------------------------------------------------------- quant_linear_grads
+@torch.library.custom_op("qat::quant_linear_grads", mutates_args=())
+def quant_linear_grads(
+    grad_y: torch.Tensor, x: torch.Tensor,
+    base_packed: torch.Tensor, base_scale: torch.Tensor, base_zero: Optional[torch.Tensor],
+    weight_scale: torch.Tensor, weight_zero: Optional[torch.Tensor], delta: Optional[torch.Tensor],
+    storage_bits: int, bits_qmin: int, bits_qmax: int, group_size: int, in_features: int,
+    out_dtype: torch.dtype, lsq_scale: float, lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor], lora_scaling: float, delta_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference_grads(grad_y, x, base_packed, base_scale, base_zero, weight_scale, weight_zero,
+                           delta, storage_bits, bits_qmin, bits_qmax, group_size, in_features,
+                           out_dtype, lsq_scale, lora_a, lora_b, lora_scaling, delta_grad)
+
+
+@quant_linear_grads.register_fake
+def _(grad_y, x, base_packed, base_scale, base_zero, weight_scale, weight_zero, delta, storage_bits,
+      bits_qmin, bits_qmax, group_size, in_features, out_dtype, lsq_scale, lora_a, lora_b,
+      lora_scaling, delta_grad):
+    lora = lora_a is not None
+
+    def like(t, present):
+        return torch.empty_like(t) if present else weight_scale.new_empty(0)
+
+    return (
+        torch.empty_like(weight_scale),
+        like(weight_zero, weight_zero is not None),
+        like(delta, delta_grad and delta is not None and not lora),
+        like(lora_a, lora),
+        like(lora_b, lora),
+    )
+
+
+@quant_linear_grads.register_kernel("cuda")
+def _(grad_y, x, *rest):
+    weight, extra = rest[:12], rest[12:]
+    if _triton_ok(grad_y, x, weight[1], weight[3], weight[5]) and weight[-1] in _FLOATS:
+        from qat.kernels import triton_kernels as TK
+
+        if TK.grads_block_k(weight[9]):
+            return TK.quant_linear_grads(grad_y, x, *weight, *extra)
+    return reference_grads(grad_y, x, *weight, *extra)

@@ -58,17 +58,15 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _w_hat_tile(
-    offs_n, offs_k, mask_n, mask_k,
-    packed_ptr, bscale_ptr, bzero_ptr, wscale_ptr, wzero_ptr, delta_ptr,
+def _pre_quant_tile(
+    offs_n, offs_k, mask,
+    packed_ptr, bscale_ptr, bzero_ptr, delta_ptr,
     WORDS, N_GROUPS, stride_dn,
-    BITS: tl.constexpr, SQMIN: tl.constexpr, SQMAX: tl.constexpr,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr,
-    HAS_BZERO: tl.constexpr, HAS_WZERO: tl.constexpr, HAS_DELTA: tl.constexpr,
-    BASE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERP: tl.constexpr,
+    BITS: tl.constexpr, SQMIN: tl.constexpr, SQMAX: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BZERO: tl.constexpr, HAS_DELTA: tl.constexpr, BASE_DTYPE: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """W_hat[offs_n, offs_k] as fp32 values already rounded to OUT_DTYPE; 0 outside the masks."""
-    mask = mask_n[:, None] & mask_k[None, :]
+    """(W0 + D)[offs_n, offs_k] in fp32 (W0 rounded to the base dtype first, as the reference),
+    and the [BN, BK] int64 index of each element's group in the [out, G] step tensors."""
     rows = offs_n.to(tl.int64)[:, None]
     # Element k occupies global bits [k*b, (k+1)*b) of its row, LSB first, maybe in two words.
     start = offs_k.to(tl.int64) * BITS
@@ -88,12 +86,43 @@ def _w_hat_tile(
     w = _cast(q0 * s0, BASE_DTYPE, INTERP).to(tl.float32)
     if HAS_DELTA:
         w += tl.load(delta_ptr + rows * stride_dn + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    return w, gidx
+
+
+@triton.jit
+def _steps_tile(w, gidx, mask, wscale_ptr, wzero_ptr,
+                QMIN: tl.constexpr, QMAX: tl.constexpr, HAS_WZERO: tl.constexpr):
+    """(s, v = w / s, z) for a [BN, BK] tile: the learned step, the scaled weight (division
+    rounded to nearest, as torch's) and the zero point rounded and clamped to the grid (zeros
+    when symmetric)."""
     s = tl.load(wscale_ptr + gidx, mask=mask, other=1.0).to(tl.float32)
     v = tl.math.div_rn(w, s)
-    # Same order as qat.primitives.fake_quantize: add z, clamp, round (ties to even), minus z.
     if HAS_WZERO:
         z = tl.load(wzero_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
         z = tl.minimum(tl.maximum(_round_half_even(z), QMIN), QMAX)
+    else:
+        z = tl.zeros_like(v)
+    return s, v, z
+
+
+@triton.jit
+def _w_hat_tile(
+    offs_n, offs_k, mask_n, mask_k,
+    packed_ptr, bscale_ptr, bzero_ptr, wscale_ptr, wzero_ptr, delta_ptr,
+    WORDS, N_GROUPS, stride_dn,
+    BITS: tl.constexpr, SQMIN: tl.constexpr, SQMAX: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BZERO: tl.constexpr, HAS_WZERO: tl.constexpr, HAS_DELTA: tl.constexpr,
+    BASE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERP: tl.constexpr,
+):
+    """W_hat[offs_n, offs_k] as fp32 values already rounded to OUT_DTYPE; 0 outside the masks."""
+    mask = mask_n[:, None] & mask_k[None, :]
+    w, gidx = _pre_quant_tile(offs_n, offs_k, mask, packed_ptr, bscale_ptr, bzero_ptr, delta_ptr,
+                              WORDS, N_GROUPS, stride_dn, BITS, SQMIN, SQMAX, GROUP, HAS_BZERO,
+                              HAS_DELTA, BASE_DTYPE, INTERP)
+    s, v, z = _steps_tile(w, gidx, mask, wscale_ptr, wzero_ptr, QMIN, QMAX, HAS_WZERO)
+    # Same order as qat.primitives.fake_quantize: add z, clamp, round (ties to even), minus z.
+    if HAS_WZERO:
         q = _round_half_even(tl.minimum(tl.maximum(v + z, QMIN), QMAX)) - z
     else:
         q = _round_half_even(tl.minimum(tl.maximum(v, QMIN), QMAX))
@@ -181,6 +210,98 @@ def _dx_kernel(
         acc += tl.dot(g, w, input_precision=PRECISION)
     ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :]
     tl.store(ptrs, _cast(acc, dx_ptr.dtype.element_ty, INTERP), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _store_group_sums(ptr, e, offs_n, mask_n, pid_k, NSLOTS,
+                      GPB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Reduce a [BN, BK] tile of per-element terms to per-group sums and store them in the
+    [N, NSLOTS] fp32 partial buffer: one slot per tile when a tile lies inside one group
+    (GPB == 1, slot = pid_k, the launcher sums a group's parts), else one slot per group."""
+    rows = offs_n.to(tl.int64)
+    if GPB == 1:
+        tl.store(ptr + rows * NSLOTS + pid_k, tl.sum(e, axis=1), mask=mask_n)
+    else:
+        tot = tl.sum(tl.reshape(e, (BLOCK_N, GPB, BLOCK_K // GPB)), axis=2)  # [BN, GPB]
+        slot = pid_k * GPB + tl.arange(0, GPB)
+        tl.store(ptr + rows[:, None] * NSLOTS + slot[None, :], tot,
+                 mask=mask_n[:, None] & (slot < NSLOTS)[None, :])
+
+
+@triton.jit
+def _grads_kernel(
+    g_ptr, x_ptr, packed_ptr, bscale_ptr, bzero_ptr, wscale_ptr, wzero_ptr, delta_ptr,
+    ds_ptr, dz_ptr, dd_ptr, a_ptr, b_ptr, db_ptr, da_ptr,
+    M, N, K, WORDS, N_GROUPS, stride_dn, stride_gm, stride_xm, NSLOTS, R,
+    BITS: tl.constexpr, SQMIN: tl.constexpr, SQMAX: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BZERO: tl.constexpr, HAS_WZERO: tl.constexpr, HAS_DELTA: tl.constexpr,
+    BASE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
+    DELTA_GRAD: tl.constexpr, LORA: tl.constexpr, R_PAD: tl.constexpr, GPB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward reductions of y = x W_hat^T for one [BN, BK] tile of the weight.
+
+    G = grad_y^T x (the gradient w.r.t. W_hat) is accumulated over the tokens in registers and
+    never stored; the epilogue rebuilds W_hat's pieces (v = (W0 + D)/s, z, q, the clamp mask)
+    and writes, per element e of the tile (LSQ / LSQ+, qat.primitives.fake_quantize):
+        step     dW_hat/ds = (q - z) - [inside] v          -> per-group partial sums   [N, NSLOTS]
+        zero     dW_hat/dz = -s [outside]                  -> per-group partial sums   [N, NSLOTS]
+        delta    dW_hat/dD = [inside]  (the STE)           -> dDelta [N, K]      (DELTA_GRAD)
+        LoRA     dB_part[pid_k] = dDelta_tile A_tile^T     [KT, N, R_PAD]        (LORA)
+                 dA_part[pid_n] = B_tile^T dDelta_tile     [NT, R_PAD, K]
+    Partial buffers (not atomics) keep the result deterministic; the launcher sums them.
+    """
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n, mask_k = offs_n < N, offs_k < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :],
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)               # [BM, BN]
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)               # [BM, BK]
+        x = _cast(x, g.dtype, INTERP)  # the reference multiplies x.to(grad_y.dtype)
+        if INTERP:  # interpreter: its bf16 dot is wrong; 16-bit products are exact in fp32
+            g, x = g.to(tl.float32), x.to(tl.float32)
+        acc += tl.dot(tl.trans(g), x, input_precision=PRECISION)                     # [BN, BK]
+
+    mask = mask_n[:, None] & mask_k[None, :]
+    w, gidx = _pre_quant_tile(offs_n, offs_k, mask, packed_ptr, bscale_ptr, bzero_ptr, delta_ptr,
+                              WORDS, N_GROUPS, stride_dn, BITS, SQMIN, SQMAX, GROUP, HAS_BZERO,
+                              HAS_DELTA, BASE_DTYPE, INTERP)
+    s, v, z = _steps_tile(w, gidx, mask, wscale_ptr, wzero_ptr, QMIN, QMAX, HAS_WZERO)
+    u = v + z
+    # torch.clamp passes the gradient where QMIN <= u <= QMAX (bounds included).
+    inside = (u >= QMIN) & (u <= QMAX)
+    q = _round_half_even(tl.minimum(tl.maximum(u, QMIN), QMAX))
+    G = tl.where(mask, acc, 0.0)
+    # (q - z) - v is formed from the two terms separately, as the reference's autograd does.
+    _store_group_sums(ds_ptr, G * ((q - z) - tl.where(inside, v, 0.0)), offs_n, mask_n, pid_k,
+                      NSLOTS, GPB, BLOCK_N, BLOCK_K)
+    if HAS_WZERO:
+        _store_group_sums(dz_ptr, tl.where(inside, 0.0, -(G * s)), offs_n, mask_n, pid_k, NSLOTS,
+                          GPB, BLOCK_N, BLOCK_K)
+    dd = tl.where(inside, G, 0.0)  # [BN, BK] fp32, the STE-masked gradient w.r.t. W0 + D
+    if DELTA_GRAD:
+        ptrs = dd_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+        tl.store(ptrs, _cast(dd, dd_ptr.dtype.element_ty, INTERP), mask=mask)
+    if LORA:
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        a = tl.load(a_ptr + offs_r.to(tl.int64)[:, None] * K + offs_k[None, :],
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)   # [R_PAD, BK]
+        b = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * R + offs_r[None, :],
+                    mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)   # [BN, R_PAD]
+        db = tl.dot(dd, tl.trans(a), input_precision="ieee")                            # [BN, R_PAD]
+        da = tl.dot(tl.trans(b), dd, input_precision="ieee")                            # [R_PAD, BK]
+        db_ptrs = db_ptr + (pid_k * N + offs_n.to(tl.int64))[:, None] * R_PAD + offs_r[None, :]
+        tl.store(db_ptrs, db, mask=mask_n[:, None])
+        da_ptrs = da_ptr + (pid_n * R_PAD + offs_r.to(tl.int64))[:, None] * K + offs_k[None, :]
+        tl.store(da_ptrs, da, mask=mask_k[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -275,3 +396,79 @@ def quant_linear_dx(grad_y, base_packed, base_scale, base_zero, weight_scale, we
     _dx_kernel[grid](g2, dx, *ptrs, m, n, in_features, *ints, g2.stride(0), dx.stride(0), **const,
                      PRECISION=_precision(grad_y.dtype), INTERP=_interp(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return dx.reshape(*lead, in_features)
+
+
+
+def grads_block_k(group_size: int, block_k: int = 64) -> int:
+    """Tile width along `in` for the grads kernel: a tile lies inside one group or holds whole
+    groups, so per-group sums need no cross-tile bookkeeping. 0 when none works (a group whose
+    largest power-of-two divisor is below 16, tl.dot's minimum): the caller uses the reference."""
+    if group_size % block_k == 0 or block_k % group_size == 0:
+        return block_k
+    bk = group_size & -group_size  # largest power of two dividing the group
+    bk = min(bk, block_k)
+    return bk if bk >= 16 else 0
+
+
+def quant_linear_grads(grad_y, x, base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
+                       storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype,
+                       lsq_scale, lora_a=None, lora_b=None, lora_scaling=1.0, delta_grad=False,
+                       block_m: int = 64, block_n: int = 64, block_k: int = 64):
+    """(grad weight_scale, grad weight_zero, grad delta, grad lora_A, grad lora_B), empty [0]
+    tensors for the ones not asked for; the semantics of ``qat::quant_linear_grads``."""
+    if grad_y.dtype not in _TL_DTYPES or x.dtype not in _TL_DTYPES:
+        raise ValueError(f"triton kernels take fp32/fp16/bf16 activations, got {grad_y.dtype} / {x.dtype}")
+    bk = grads_block_k(group_size, block_k)
+    if not bk:
+        raise ValueError(f"group size {group_size} has no power-of-two tile >= 16: use the reference")
+    lora = lora_a is not None
+    if lora and (delta is None or lora_b is None):
+        raise ValueError("LoRA gradients need lora_a, lora_b and the dense delta they form")
+    n, ptrs, ints, const = _weight_args(base_packed, base_scale, base_zero, weight_scale, weight_zero,
+                                        delta, storage_bits, bits_qmin, bits_qmax, group_size,
+                                        in_features, out_dtype)
+    g2 = grad_y.reshape(-1, n)
+    x2 = x.reshape(-1, in_features)
+    g2 = g2 if g2.stride(-1) == 1 else g2.contiguous()
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    m, dev = g2.shape[0], grad_y.device
+    n_groups = in_features // group_size
+    gpb = max(1, bk // group_size)            # whole groups per tile (1 when a tile is inside a group)
+    kt, nt = triton.cdiv(in_features, bk), triton.cdiv(n, block_n)
+    nslots = n_groups if gpb > 1 else kt      # gpb == 1: kt = n_groups * (group_size // bk) parts
+    f32 = dict(dtype=torch.float32, device=dev)
+    def empty():  # a fresh [0] tensor per unused output (op outputs may not alias each other)
+        return weight_scale.new_empty(0)
+
+    ds_part = torch.empty(n, nslots, **f32)
+    dz_part = torch.empty(n, nslots, **f32) if weight_zero is not None else ds_part
+    want_dd = delta_grad and delta is not None and not lora
+    dd = torch.empty(n, in_features, dtype=delta.dtype, device=dev) if want_dd else ds_part
+    r = lora_a.shape[0] if lora else 0
+    r_pad = max(16, triton.next_power_of_2(r)) if lora else 16
+    if lora:
+        lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
+        db_part = torch.empty(kt, n, r_pad, **f32)             # per-k-tile dDelta A^T
+        da_part = torch.empty(nt, r_pad, in_features, **f32)   # per-n-tile B^T dDelta
+    else:
+        lora_a = lora_b = db_part = da_part = ds_part
+    _grads_kernel[(nt, kt)](
+        g2, x2, *ptrs, ds_part, dz_part, dd, lora_a, lora_b, db_part, da_part,
+        m, n, in_features, *ints, g2.stride(0), x2.stride(0), nslots, r, **const,
+        PRECISION=_precision(grad_y.dtype), INTERP=_interp(), DELTA_GRAD=want_dd, LORA=lora,
+        R_PAD=r_pad, GPB=gpb, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk)
+    # [N, NSLOTS] -> [N, G]: sum a group's parts (a no-op view when tiles hold whole groups).
+    ds = ds_part.reshape(n, n_groups, -1).sum(-1)
+    grad_scale = (ds * lsq_scale).to(weight_scale.dtype)
+    grad_zero = empty()
+    if weight_zero is not None:
+        dz = dz_part.reshape(n, n_groups, -1).sum(-1)
+        # The zero point is used as clamp(round(z)): no gradient where round(z) is off the grid.
+        zr = torch.round(weight_zero)
+        on_grid = (zr >= bits_qmin) & (zr <= bits_qmax)
+        grad_zero = torch.where(on_grid, dz * lsq_scale, 0.0).to(weight_zero.dtype)
+    grad_a, grad_b = empty(), empty()
+    if lora:
+        grad_b = (db_part.sum(0)[:, :r] * lora_scaling).to(lora_b.dtype)   # [N, r]
+        grad_a = (da_part.sum(0)[:r] * lora_scaling).to(lora_a.dtype)       # [r, K]
+    return grad_scale, grad_zero, dd if want_dd else empty(), grad_a, grad_b

@@ -153,6 +153,58 @@ def fake_quantize(
     return w_hat.reshape(w.shape)
 
 
+def fake_quantize_backward(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: float,
+    group_size: int,
+    grad: torch.Tensor,
+    lsq_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradients autograd takes through :func:`fake_quantize`, spelled out (for code that
+    cannot run autograd, e.g. a ``torch.library`` op's reference implementation).
+
+    ``grad`` = dL/dW_hat [out, in]. With v = w / s (fp32, as the forward), z the rounded,
+    clamped zero point, inside = qmin <= v + z <= qmax and q = round(clamp(v + z)):
+
+        dw = grad * inside                                                  (STE)
+        ds = g * sum_group grad * ((q - z) - inside * v)                    (LSQ)
+        dz = g * [round(z) on the grid] * sum_group -s * grad * (1 - inside)  (LSQ+)
+
+    g = ``lsq_scale`` (1 if None). The masks and codes come from the forward's own v; products
+    and sums run in ``grad``'s dtype, at least fp32 (pass fp64 for a float64 evaluation).
+    Returns (dw [out, in], ds [out, G], dz [out, G] or None) in that dtype.
+    """
+    qmin, qmax = qrange(bits)
+    v = _scaled(w, scale, group_size)                               # [out, G, g], the forward's
+    ct = torch.promote_types(grad.dtype, v.dtype)
+    gg = _grouped(grad, group_size).to(ct)
+    z = 0.0
+    if zero_point is not None:
+        z = round_zero_point(zero_point, bits).unsqueeze(-1).to(v.dtype)
+    inside = ((v + z) >= qmin) & ((v + z) <= qmax)                   # clamp passes its bounds
+    q = torch.round(torch.clamp(v + z, qmin, qmax))
+    g = 1.0 if lsq_scale is None else lsq_scale
+    dw = torch.where(inside, gg, 0.0).reshape(w.shape)
+    ds = g * (gg * ((q - z).to(ct) - torch.where(inside, v, 0.0).to(ct))).sum(-1)
+    dz = None
+    if zero_point is not None:
+        rz = torch.round(zero_point)
+        on_grid = (rz >= qmin) & (rz <= qmax)                        # the clamp(round(z)) mask
+        clamped = torch.where(inside, 0.0, -gg).sum(-1) * scale.to(ct)
+        dz = torch.where(on_grid, g * clamped, 0.0)
+    return dw, ds, dz
+
+
+def linear_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dL/dW [out, in] of ``y = x W^T``: grad_y [..., out]^T @ x [..., in] over all leading dims,
+    multiplied in grad_y's dtype (x is cast to it), then cast to ``dtype`` (W's)."""
+    g2 = grad_y.reshape(-1, grad_y.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+    return (g2.t() @ x2).to(dtype)
+
+
 @torch.no_grad()
 def quantize_codes(
     w: torch.Tensor,

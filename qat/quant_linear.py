@@ -48,23 +48,20 @@ class _RecomputedLinear(torch.autograd.Function):
         x, *_ = ctx.saved_tensors
         layer = ctx.layer
         trainables = layer.trainable_tensors()  # the live leaves W_hat is rebuilt from
-        reference = dispatch.kernel_path(layer, grad_y) == "reference"
-        w_hat = None
-        if trainables or reference:
-            with torch.enable_grad():
-                w_hat = layer.dense_weight()  # rebuilt once, used for dX and the step grads
+        if dispatch.kernel_path(layer, grad_y) != "reference":
+            # Fused Triton on CUDA: dX, and the step / zero-point / adapter gradient reductions,
+            # each rebuilding W_hat tiles from the codes; no dense [out, in] W_hat or G.
+            grad_x, grads = dispatch.quant_linear_backward(grad_y, x, layer, trainables,
+                                                           need_dx=ctx.needs_input_grad[0])
+            return (grad_x, None, *grads)
+        with torch.enable_grad():
+            w_hat = layer.dense_weight()  # rebuilt once, used for dX and the step grads
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if reference:
-                grad_x = grad_y @ w_hat.detach().to(grad_y.dtype)
-            else:
-                grad_x = dispatch.quant_linear_dx(grad_y, layer)  # fused Triton dX on CUDA
+            grad_x = grad_y @ w_hat.detach().to(grad_y.dtype)
         grads = [None] * len(trainables)
         if trainables:
-            # G = grad_y^T x, [out, in]: the gradient of the loss w.r.t. W_hat.
-            g2 = grad_y.reshape(-1, grad_y.shape[-1])
-            x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
-            grad_w = (g2.t() @ x2).to(w_hat.dtype)
+            grad_w = P.linear_weight_grad(grad_y, x, w_hat.dtype)  # G = grad_y^T x, [out, in]
             grads = torch.autograd.grad(w_hat, trainables, grad_w, allow_unused=True)
         return (grad_x, None, *grads)
 

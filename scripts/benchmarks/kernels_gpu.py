@@ -1,16 +1,32 @@
-"""GPU benchmark: fused Triton quant-linear vs the torch reference vs bf16 F.linear + LoRA.
+"""GPU benchmark: fused Triton quant-linear vs the torch reference vs bf16 / bitsandbytes + LoRA.
 
     python scripts/benchmarks/kernels_gpu.py                       # the default sweep
     python scripts/benchmarks/kernels_gpu.py --tokens 2048 --bits 3 --shapes 4096x4096
+    python scripts/benchmarks/kernels_gpu.py --peak-tflops 989 --peak-gbps 3350   # roofline columns
 
 For each weight shape [out x in] and token count it times (median of --iters runs, CUDA events):
-  fused_fwd   qat::quant_linear_fwd through Triton (W_hat tiles built inside the matmul)
-  fused_dx    dX = grad_y @ W_hat through Triton
-  ref_fwd     reference: unpack + dequant + fake-quant in torch, then F.linear
-  dq+linear   Triton W_hat kernel, then cuBLAS F.linear (the unfused alternative)
-  bf16+lora   plain bf16 F.linear over a dense weight plus a rank-r LoRA branch (the QLoRA-free
-              baseline the fused kernel competes with)
-and prints a table with the GPU's name. Needs CUDA and triton; ``--help`` works without either.
+
+  forward
+    fused_fwd    qat::quant_linear_fwd through Triton (W_hat tiles built inside the matmul)
+    ref_fwd      reference: unpack + dequant + fake-quant in torch, then F.linear
+    dq+linear    Triton W_hat kernel, then cuBLAS F.linear (the unfused alternative)
+  backward (inside LoRA of rank --rank on the quantized layer)
+    fused_dx     dX = grad_y @ W_hat through Triton
+    fused_grads  qat::quant_linear_grads through Triton: step / zero-point gradients and LoRA
+                 dA, dB from G = grad_y^T x reduced tile by tile (no dense G or W_hat)
+    ref_grads    the op's torch reference: dense W0 + D, G, the LSQ formulas, dA / dB
+  a whole training step of the layer (forward + backward, LoRA inside)
+    step_fused   QuantLinear with use_kernels("triton")
+    step_ref     QuantLinear with use_kernels("reference") (autograd through the dense W_hat)
+    step_bf16    bf16 F.linear over a dense frozen weight + a trainable LoRA branch (baseline c)
+    step_bnb     bitsandbytes NF4 Linear4bit + the same LoRA branch (baseline b; "n/a" when
+                 bitsandbytes is missing or fails)
+
+and prints a table with the GPU's name, plus the ratios the issue's targets are stated in
+(fused step vs bnb: target >= 2x; vs bf16: target <= 1.3x). With --peak-tflops / --peak-gbps
+it adds the fraction of the matmul roofline (2MNK flops for the forward, 4MNK for dX + G)
+and of memory bandwidth (the bytes each fused kernel must move at least) reached.
+Needs CUDA and triton; ``--help`` works without either.
 """
 
 from __future__ import annotations
@@ -29,10 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--storage-bits", type=int, default=None, help="base width (default = bits)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--asymmetric", action="store_true")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank of the bf16 baseline")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (inside the quantized layer, "
+                   "and the branch of the bf16 / bnb baselines)")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense 16-bit matmul peak, for the roofline fraction")
+    p.add_argument("--peak-gbps", type=float, default=None, help="the GPU's memory bandwidth, GB/s")
     return p.parse_args(argv)
 
 
@@ -52,6 +72,49 @@ def _median_ms(fn, iters, warmup):
     return statistics.median(times)
 
 
+def _layer(out_f, in_f, args, dtype):
+    """A QuantLinear (bf16 steps) over a random base with an inside LoRA of rank --rank."""
+    import torch
+    from torch import nn
+
+    from qat.adapters.lora import LoRAAdapter
+    from qat.config import LayerSpec
+    from qat.quant_linear import QuantLinear
+
+    linear = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02)
+    spec = LayerSpec(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+                     storage_bits=args.storage_bits, init="rtn")
+    layer = QuantLinear.from_linear(linear, spec)
+    lora = LoRAAdapter(in_f, out_f, rank=args.rank, alpha=2 * args.rank, device="cuda")
+    with torch.no_grad():
+        lora.lora_B.normal_(0, 0.01)
+    layer.adapter = lora
+    return layer, linear.weight.detach()
+
+
+def _bnb_step(w_dense, lora_a, lora_b, scaling, dtype):
+    """A training step of bitsandbytes NF4 + LoRA, or None when bitsandbytes is unusable."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        out_f, in_f = w_dense.shape
+        base = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(w_dense.cpu(), requires_grad=False, quant_type="nf4")
+        base = base.cuda()
+
+        def step(x, gy):
+            y = base(x) + (x @ lora_a.t()) @ lora_b.t() * scaling
+            y.backward(gy)
+
+        return step
+    except Exception as err:  # missing package, no kernels for this GPU, API drift
+        print(f"bitsandbytes baseline skipped: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -61,43 +124,74 @@ def main(argv=None):
         print("kernels_gpu.py needs a CUDA device", file=sys.stderr)
         return 2
     from qat import primitives as P
-    from qat.kernels import ops
+    from qat.kernels import dispatch, ops
     from qat.kernels import triton_kernels as TK
-    from qat.packing import pack_int32
 
     dtype = getattr(torch, args.dtype)
     dev = "cuda"
-    storage = args.storage_bits or args.bits
-    qmin, qmax = P.qrange(args.bits)
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
-          f"bits {args.bits} storage {storage} group {args.group_size} "
+          f"bits {args.bits} storage {args.storage_bits or args.bits} group {args.group_size} "
           f"{'asym' if args.asymmetric else 'sym'}  LoRA rank {args.rank}  median of {args.iters}")
-    cols = ["shape", "tokens", "fused_fwd", "fused_dx", "ref_fwd", "dq+linear", "bf16+lora", "fwd vs bf16"]
+    cols = ["shape", "tokens", "fused_fwd", "ref_fwd", "dq+linear", "fused_dx", "fused_grads",
+            "ref_grads", "step_fused", "step_ref", "step_bf16", "step_bnb", "vs bnb", "vs bf16"]
+    if args.peak_tflops:
+        cols += ["fwd %mm", "bwd %mm"]
+    if args.peak_gbps:
+        cols += ["fwd %bw"]
     print(" | ".join(f"{c:>11}" for c in cols))
     for shape in args.shapes:
         out_f, in_f = (int(v) for v in shape.lower().split("x"))
-        g = args.group_size
-        w = torch.randn(out_f, in_f, device=dev) * 0.02
-        s0, z0 = P.init_absmax(w, storage, g, not args.asymmetric)
-        codes = P.quantize_codes(w, s0, z0, storage, g)
-        packed = pack_int32(codes, storage)
-        scale = (s0 * 1.05).to(dtype)
-        weight = (packed, s0, z0, scale, z0, None, storage, qmin, qmax, g, in_f, dtype)
-        w_dense = w.to(dtype)
-        lora_a = torch.randn(args.rank, in_f, device=dev, dtype=dtype) * 0.01
-        lora_b = torch.randn(out_f, args.rank, device=dev, dtype=dtype) * 0.01
+        layer, w_dense = _layer(out_f, in_f, args, dtype)
+        lora = layer.adapter
+        weight = dispatch.weight_args(layer)
+        lsq = P.lsq_grad_scale(layer.group_size, args.bits)
+        lora_args = (lora.lora_A.detach(), lora.lora_B.detach(), lora.scaling)
+        # bf16 / bnb baselines: a frozen dense weight plus a trainable LoRA branch
+        a16 = lora.lora_A.detach().to(dtype).clone().requires_grad_()
+        b16 = lora.lora_B.detach().to(dtype).clone().requires_grad_()
+        bnb_step = _bnb_step(w_dense, a16, b16, lora.scaling, dtype)
         for m in args.tokens:
             x = torch.randn(m, in_f, device=dev, dtype=dtype)
             gy = torch.randn(m, out_f, device=dev, dtype=dtype)
+            xg = x.clone().requires_grad_()
+
+            def step(mode):
+                with dispatch.use_kernels(mode):
+                    layer(xg).backward(gy)
+
+            def step_bf16():
+                y = F.linear(xg, w_dense) + (xg @ a16.t()) @ b16.t() * lora.scaling
+                y.backward(gy)
+
             t = {
                 "fused_fwd": lambda: TK.quant_linear_fwd(x, *weight),
-                "fused_dx": lambda: TK.quant_linear_dx(gy, *weight),
                 "ref_fwd": lambda: F.linear(x, ops.reference_w_hat(*weight).to(dtype)),
                 "dq+linear": lambda: F.linear(x, TK.dequant_fakequant(*weight)),
-                "bf16+lora": lambda: F.linear(x, w_dense) + (x @ lora_a.t()) @ lora_b.t(),
+                "fused_dx": lambda: TK.quant_linear_dx(gy, *weight),
+                "fused_grads": lambda: TK.quant_linear_grads(gy, x, *weight, lsq, *lora_args, False),
+                "ref_grads": lambda: ops.reference_grads(gy, x, *weight, lsq, *lora_args, False),
+                "step_fused": lambda: step("triton"),
+                "step_ref": lambda: step("reference"),
+                "step_bf16": step_bf16,
             }
+            if bnb_step is not None:
+                t["step_bnb"] = lambda: bnb_step(xg, gy)
             ms = {k: _median_ms(fn, args.iters, args.warmup) for k, fn in t.items()}
-            row = [shape, str(m)] + [f"{ms[k]:.3f}ms" for k in t] + [f"{ms['bf16+lora'] / ms['fused_fwd']:.2f}x"]
+            row = [shape, str(m)] + [f"{ms[k]:.3f}ms" if k in ms else "n/a" for k in cols[2:12]]
+            row.append(f"{ms['step_bnb'] / ms['step_fused']:.2f}x" if "step_bnb" in ms else "n/a")
+            row.append(f"{ms['step_fused'] / ms['step_bf16']:.2f}x")
+            flops = 2.0 * m * out_f * in_f
+            if args.peak_tflops:
+                peak = args.peak_tflops * 1e12
+                row.append(f"{flops / (ms['fused_fwd'] * 1e-3) / peak:.0%}")
+                bwd_ms = ms["fused_dx"] + ms["fused_grads"]
+                row.append(f"{2 * flops / (bwd_ms * 1e-3) / peak:.0%}")
+            if args.peak_gbps:
+                # least traffic of the forward: x and y once, the packed codes and steps once
+                act = torch.finfo(dtype).bits // 8
+                nbytes = (m * (in_f + out_f) * act + weight[0].numel() * 4
+                          + 2 * weight[1].numel() * weight[1].element_size())
+                row.append(f"{nbytes / (ms['fused_fwd'] * 1e-3) / (args.peak_gbps * 1e9):.0%}")
             print(" | ".join(f"{c:>11}" for c in row), flush=True)
     return 0
 

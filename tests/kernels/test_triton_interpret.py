@@ -29,6 +29,7 @@ from qat import primitives as P  # noqa: E402
 from qat.config import LayerSpec  # noqa: E402
 from qat.kernels import dispatch, ops  # noqa: E402
 from qat.quant_linear import QuantLinear  # noqa: E402
+from tests.kernels.helpers import make_layer  # noqa: E402
 
 if not TK.INTERPRETED:
     pytest.skip("qat.kernels.triton_kernels was imported before this module, without "
@@ -38,35 +39,8 @@ OUT, IN, GROUP, TOKENS = 24, 64, 32, 5
 BLOCKS = dict(block_m=16, block_n=16, block_k=32)  # partial tiles in every dimension
 
 
-class _InsideDelta(nn.Module):
-    """Minimal inside adapter: a dense delta D added to W0 before fake quantization."""
-
-    placement = "inside"
-
-    def __init__(self, out_features, in_features, scale):
-        super().__init__()
-        self.d = nn.Parameter(torch.randn(out_features, in_features) * scale)
-
-    def delta_weight(self):
-        return self.d
-
-
 def _layer(bits, symmetric, storage_bits=None, group=GROUP, out=OUT, inp=IN, delta=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(inp, out)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(out, inp, generator=g) * 0.05)
-    spec = LayerSpec(bits=bits, group_size=group, symmetric=symmetric, storage_bits=storage_bits,
-                     init="rtn")
-    layer = QuantLinear.from_linear(linear, spec)
-    with torch.no_grad():  # move the steps off the base grid so fake-quant really rounds
-        layer.weight_scale.mul_(1 + 0.3 * torch.rand(layer.weight_scale.shape, generator=g))
-        if layer.weight_zero_point is not None:
-            layer.weight_zero_point.add_(torch.randn(layer.weight_zero_point.shape, generator=g))
-    if delta:
-        torch.manual_seed(seed)
-        layer.adapter = _InsideDelta(out, inp, 0.01)
-    return layer
+    return make_layer(bits, symmetric, storage_bits, group, out, inp, delta, seed)
 
 
 CASES = [(b, sym) for b in (2, 3, 4, 8) for sym in (True, False)]
