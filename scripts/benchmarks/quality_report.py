@@ -6,7 +6,7 @@ from pathlib import Path
 
 LABELS = {
     "ptq_rtn": "post-training, RTN steps", "ptq_mse": "post-training, MSE steps",
-    "lora_inside": "qat LoRA inside (refine init)", "lora_outside": "qat LoRA outside (act-LoftQ init)",
+    "lora_inside": "qat LoRA inside (zero init)", "lora_outside": "qat LoRA outside (act-LoftQ init)",
     "wht_inside": "qat Walsh-Hadamard inside (zero init)", "steps_only": "qat steps only (LSQ)",
     "qzo_steps": "qat zeroth-order on steps (QZO)", "qlora_nf4": "peft + bitsandbytes QLoRA, merged to NF4",
     "qlora_requant": "peft + bitsandbytes QLoRA, merged, re-quantized to int (MSE)",
