@@ -69,6 +69,8 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch
             f"packed width {n_words} does not hold {n} codes of {bits} bits "
             f"(expected {packed_width(n, bits)} words): the checkpoint is truncated or the shape is wrong"
         )
+    if 32 % bits == 0:
+        return _unpack_aligned(packed, bits, n)
     words = packed.to(torch.int64) & 0xFFFFFFFF  # unsigned view
     # Append a zero word so the "next word" of the last element is always addressable.
     words = torch.cat([words, torch.zeros(rows, 1, dtype=torch.int64, device=packed.device)], 1)
@@ -77,4 +79,18 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch
     offset = start % 32
     both = words[:, word] | (words[:, word + 1] << 32)  # 64-bit window holding the element
     u = (both >> offset) & ((1 << bits) - 1)
+    return (u - (1 << (bits - 1))).to(torch.int8)
+
+
+def _unpack_aligned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Widths dividing 32 (1, 2, 4, 8): no code crosses a word, so one shift-and-mask per code.
+
+    The general path above (int64 windows, two gathers) costs 2-9x more, and every QuantLinear
+    forward and backward unpacks its whole base (about 1.5 s of a 17 s step of a 100M Llama on CPU).
+    """
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)  # [per_word]
+    # An arithmetic shift of a negative word fills with ones; the mask keeps only the code's bits.
+    u = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [rows, n_words, per_word]
+    u = u.reshape(packed.shape[0], -1)[:, :n]
     return (u - (1 << (bits - 1))).to(torch.int8)
