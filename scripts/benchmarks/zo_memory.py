@@ -16,23 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
 
 import torch
 
-
-def _vm(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024  # kB -> bytes
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import reset_peak_rss, vm_bytes  # noqa: E402
 
 
 def build(a):
@@ -75,10 +67,10 @@ def measure(mode: str, a) -> dict:
             opt.zero_grad(set_to_none=True)
 
     run()  # warm up: allocator pools, lazy inits, optimizer state
-    base = _vm("VmRSS")
-    _reset_peak()
+    base = vm_bytes("VmRSS")
+    reset_peak_rss()
     run()
-    peak = _vm("VmHWM")
+    peak = vm_bytes("VmHWM")
     return {"mode": mode, "peak_bytes": peak, "baseline_bytes": base, "working_bytes": peak - base}
 
 
