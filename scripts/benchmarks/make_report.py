@@ -1,0 +1,66 @@
+"""Assemble docs/BENCHMARKS.md from what the benchmark scripts wrote to docs/benchmarks/ (no table by hand).
+
+    python scripts/benchmarks/make_report.py
+
+Each section is the script's own markdown (its command, machine, tables and target verdicts) followed
+by its plot; a script that has not been run yet is listed with the command that produces it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import RESULTS_DIR  # noqa: E402
+
+SECTIONS = [
+    ("quality", "Quality on a real pretrained encoder (all-MiniLM-L6-v2)",
+     "python scripts/benchmarks/quality.py --steps 100 --batch 16"),
+    ("speed_memory", "Step time and peak memory (~100M-parameter Llama, CPU)",
+     "python scripts/benchmarks/speed_memory.py"),
+    ("causal_lm", "Causal-LM perplexity (a small Llama pretrained by us on the standard library's docs)",
+     "python scripts/benchmarks/causal_lm.py"),
+]
+INTRO = """# Benchmarks
+
+qat against post-training quantization and the tools users pick instead (peft + bitsandbytes QLoRA,
+torchao QAT), on real pretrained weights. Everything below is generated: each script writes its
+section to `docs/benchmarks/<name>.md` (+ `.json` with every number, + `.png`), and
+`python scripts/benchmarks/make_report.py` assembles this page. Re-run a script whenever a change could
+move its numbers, then this one.
+
+Related figures elsewhere: adapter initialisations per layer ([ADAPTERS.md](ADAPTERS.md)),
+post-training quantization of MiniLM ([RESULTS.md](RESULTS.md)), the main job ([TRAINING.md](TRAINING.md)),
+zeroth-order memory ([zo_memory.md](zo_memory.md)), distributed communication bytes
+([distributed_comm_bytes.md](distributed_comm_bytes.md)), kernels ([KERNELS.md](KERNELS.md)).
+"""
+
+
+def demote(markdown: str) -> str:
+    """The script's page becomes a section: its headings go one level down."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines())
+
+
+def section(name: str, title: str, command: str, results: Path) -> str:
+    page, plot = results / f"{name}.md", results / f"{name}.png"
+    if not page.exists():
+        return f"## {title}\n\nNot run yet: `{command}`.\n"
+    body = demote(page.read_text()).splitlines()
+    body = body[1:] if body and body[0].startswith("## ") else body  # the script's own title -> ours
+    text = f"## {title}\n\nFull numbers: [benchmarks/{name}.json](benchmarks/{name}.json).\n" + "\n".join(body)
+    if plot.exists():
+        text += f"\n\n![{name}](benchmarks/{name}.png)\n"
+    return text
+
+
+def main() -> int:
+    parts = [INTRO] + [section(n, t, c, RESULTS_DIR) for n, t, c in SECTIONS]
+    out = RESULTS_DIR.parent / "BENCHMARKS.md"
+    out.write_text("\n".join(parts).rstrip() + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
