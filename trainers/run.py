@@ -241,7 +241,10 @@ def run(args: QATArguments) -> dict:
     from qat.trainers.data import build_datasets, collator
     from qat.trainers.trainer import QATTrainer
 
+    from transformers import set_seed
+
     export_dir = check_paths(args)
+    set_seed(args.seed)  # adapters are attached (random LoRA A) before the Trainer would seed
     tokenizer = load_tokenizer(args.model_name_or_path)
     train_ds, eval_ds, texts = build_datasets(args, tokenizer)  # bad columns fail before the model loads
     num_labels = len(set(train_ds["labels"])) if args.task == "seq_cls" else None
