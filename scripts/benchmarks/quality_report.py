@@ -90,7 +90,7 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         return False
     methods = [m for m in LABELS if any("cosine" in rows.get(m, {}) for rows in results.values())]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(13, 4.5))
     width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
         xs, ys = [], []
@@ -104,7 +104,7 @@ def plot(results: dict, path: Path) -> bool:
     ax.set_ylabel("mean cosine to float (held-out)")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
