@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import machine, write_results  # noqa: E402
+from quality_report import plot, report  # noqa: E402
 
 BITS = {"4": 4, "3": 3, "2": 2, "ternary": 1.58}
 QAT_METHODS = {
@@ -121,28 +122,21 @@ class Bench:
                              data_collator=collator(self.tokenizer, "embedding"), processing_class=self.tokenizer)
         return trainer.train()
 
-    def export_and_score(self, model, name: str, **kw) -> dict:
-        """Export with qat, reload with transformers, score the reload (and check it matches)."""
+    def quantize_export_score(self, model, bits: float, init: str, name: str) -> dict:
+        """Post-training quantize a float model to the row's format (the job's own ``quantize``, same
+        layers and group as every qat row), export with qat, reload with transformers, score the reload."""
         import qat
-        from qat.trainers.run import load_model
+        from qat.trainers.run import load_model, quantize
 
+        quantize(build_args(self.a, bits, self.workdir / name, {"quant_init": init}), model)
         out = self.workdir / name
-        qat.export_model(model, out, tokenizer=self.tokenizer, source_dir=self.path, overwrite=True, **kw)
-        reloaded = load_model(str(out), "embedding")
-        return self.score(reloaded)
+        qat.export_model(model, out, tokenizer=self.tokenizer, source_dir=self.path, overwrite=True)
+        return self.score(load_model(str(out), "embedding"))
 
 
 # ---------------------------------------------------------------------------------------- methods
 def run_ptq(bench: Bench, bits: float, init: str) -> dict:
-    import qat
-
-    model = bench.fresh_float()
-    args = bench.args
-    cfg = qat.QuantConfig(bits=bits, group_size=32, init=init, include=[ENCODER_LINEARS],
-                          exclude=list(args.quant_exclude))
-    model.requires_grad_(False)
-    qat.quantize_model(model, cfg)
-    return bench.export_and_score(model, f"ptq-{init}-{bits}")
+    return bench.quantize_export_score(bench.fresh_float(), bits, init, f"ptq-{init}-{bits}")
 
 
 def run_qat(bench: Bench, bits: float, method: str) -> dict:
@@ -158,14 +152,12 @@ def run_qat(bench: Bench, bits: float, method: str) -> dict:
     return dict(metrics["rows"]["qat"], export_max_abs_diff=metrics["export_max_abs_diff"])
 
 
-def lora_config():
+def lora_config(args):
+    """peft LoRA for the other tools' rows: the recipe's rank and alpha, on the layers qat quantizes."""
     from peft import LoraConfig
 
-    a = DEFAULT_ADAPTER
-    return LoraConfig(r=a["rank"], lora_alpha=a["alpha"], lora_dropout=0.0, target_modules=LORA_TARGETS)
-
-
-DEFAULT_ADAPTER = {"rank": 8, "alpha": 16.0}
+    return LoraConfig(r=args.adapter_rank, lora_alpha=args.adapter_alpha, lora_dropout=0.0,
+                      target_modules=LORA_TARGETS)
 
 
 def train_qlora(bench: Bench):
@@ -176,7 +168,7 @@ def train_qlora(bench: Bench):
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                            llm_int8_skip_modules=["pooler"])
     base = AutoModel.from_pretrained(bench.path, quantization_config=q, device_map="cpu", dtype=torch.float32)
-    model = get_peft_model(base, lora_config())
+    model = get_peft_model(base, lora_config(bench.args))
     start = time.perf_counter()
     bench.train(model, build_args(bench.a, 4, bench.workdir / "qlora", {"adapter": "none"}))
     return model, time.perf_counter() - start
@@ -209,13 +201,7 @@ def run_qlora_nf4(bench: Bench, peft_model) -> dict:
 
 
 def run_qlora_requant(bench: Bench, peft_model, bits: float) -> dict:
-    import qat
-
-    model = qlora_merged_float(bench, peft_model)
-    model.requires_grad_(False)
-    qat.quantize_model(model, qat.QuantConfig(bits=bits, group_size=32, init="mse", include=[ENCODER_LINEARS],
-                                              exclude=list(bench.args.quant_exclude)))
-    return bench.export_and_score(model, f"qlora-requant-{bits}")
+    return bench.quantize_export_score(qlora_merged_float(bench, peft_model), bits, "mse", f"qlora-requant-{bits}")
 
 
 def run_torchao(bench: Bench, bits: float) -> dict:
@@ -230,7 +216,7 @@ def run_torchao(bench: Bench, bits: float) -> dict:
     fake = IntxFakeQuantizeConfig(dtype, group_size=32, is_symmetric=True)
     quantize_(model, QATConfig(weight_config=fake, step="prepare"), filter_fn=is_encoder_linear)
     model.requires_grad_(False)
-    peft_model = get_peft_model(model, lora_config())
+    peft_model = get_peft_model(model, lora_config(bench.args))
     bench.train(peft_model, build_args(bench.a, bits, bench.workdir / f"torchao-{bits}", {"adapter": "none"}))
     merged = peft_model.merge_and_unload()
     base = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(32))
@@ -273,8 +259,10 @@ def run_grid(a, workdir: Path) -> dict:
             else:
                 if qlora is None:
                     qlora = train_qlora(bench)
-                fn = run_qlora_nf4 if method == "qlora_nf4" else run_qlora_requant
-                row = timed(fn, bench, qlora[0], *([] if method == "qlora_nf4" else [bits]))
+                if method == "qlora_nf4":
+                    row = timed(run_qlora_nf4, bench, qlora[0])
+                else:
+                    row = timed(run_qlora_requant, bench, qlora[0], bits)
                 row["train_seconds"] = qlora[1]  # one QLoRA training serves every bit width
             results[bits_name][method] = row
             print(f"[quality] W{bits_name} {method}: {row}", flush=True)
@@ -308,12 +296,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = run_grid(a, workdir)
     total = time.perf_counter() - start
-    from quality_report import report
-
     markdown, data = report(results, a, total, machine(), argv if argv is not None else sys.argv[1:])
     out = write_results("quality", markdown, data, a.out)
-    from quality_report import plot
-
     plot(results, out / "quality.png")
     print(markdown)
     if not a.workdir:
