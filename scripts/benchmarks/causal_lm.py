@@ -395,15 +395,11 @@ def ptq_rows(s: Settings, model_dir: Path, eval_ds, collate, bits) -> dict:
 
 def qat_row(s: Settings, model_dir: Path, bits, work_dir: Path) -> dict:
     """One run of the main job; perplexity of its export reloaded by transformers, and its wall-clock."""
-    import transformers
-
     from qat.trainers.recipes import build_arguments
     from qat.trainers.run import run
 
+    # run() seeds (--seed) before drawing the LoRA init, so a row does not depend on what ran before it.
     args = build_arguments(qat_argv(s, model_dir, bits, work_dir / f"w{bits}"))
-    # run() draws the LoRA init before the Trainer seeds anything: seed here, so that a row does not
-    # depend on what ran before it in this process (its bit width's place in the list, the PTQ rows).
-    transformers.set_seed(s.seed)
     t0 = time.time()
     metrics = run(args)
     wall = time.time() - t0
