@@ -10,7 +10,6 @@
 the previous mode on exit. The layer-facing entry points take a ``QuantLinear``:
 
     quant_linear(x, layer)        -> x @ W_hat^T          (no bias, no outside adapter)
-    quant_linear_dx(grad_y, layer) -> grad_y @ W_hat
     quant_linear_backward(grad_y, x, layer, trainables) -> (dX, gradients of the steps, zero
                                   points and inside-adapter parameters; LoRA's A and B fused)
     dense_weight(layer)           -> W_hat (no autograd)
@@ -118,15 +117,6 @@ def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
         with torch.no_grad():
             return F.linear(x, layer.dense_weight().to(x.dtype))
     return _run("quant_linear_fwd", path, x, *weight_args(layer))
-
-
-def quant_linear_dx(grad_y: torch.Tensor, layer) -> torch.Tensor:
-    """dX = grad_y @ W_hat for the backward; no autograd through the result."""
-    path = kernel_path(layer, grad_y)
-    if path == "reference":
-        with torch.no_grad():
-            return grad_y @ layer.dense_weight().to(grad_y.dtype)
-    return _run("quant_linear_dx", path, grad_y, *weight_args(layer))
 
 
 def _plain_lora(adapter):
