@@ -195,3 +195,67 @@ def dense_weight(layer) -> torch.Tensor:
         with torch.no_grad():
             return layer.dense_weight()
     return _run("dequant_fakequant", path, *weight_args(layer))
+
+
+# --------------------------------------------------------------------------- Walsh-Hadamard transform
+# The outside WHT adapter's activation transform z = scale * x H^T (qat::fwht). The largest
+# tile one Triton program holds in registers: K_PAD * P fp32 values per row (kernels/hadamard_kernels.py).
+FWHT_MAX_ROW = 32768
+
+
+def fwht_tile(n: int) -> tuple[int, int, int] | None:
+    """(K, K_PAD, P) of the fwht kernel's per-row tile [K_PAD, P] for width n = K * P (K_PAD:
+    K rounded up to a power of two); None when n has no Hadamard factorisation or the padded
+    row exceeds FWHT_MAX_ROW (those widths run the torch reference)."""
+    from qat.adapters.hadamard import factor
+
+    try:
+        k, p = factor(n)
+    except ValueError:
+        return None
+    k_pad = 1 << (k - 1).bit_length()
+    return (k, k_pad, p) if k_pad * p <= FWHT_MAX_ROW else None
+
+
+def fwht_path(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> str:
+    """"reference", "triton" (the launcher, also on CPU under TRITON_INTERPRET) or "op"
+    (qat::fwht, CUDA): the same mode logic as ``kernel_path``."""
+    dtypes_ok = x.dtype in _FLOATS and (out_dtype is None or out_dtype in _FLOATS)
+    if _mode == "reference" or not dtypes_ok or fwht_tile(x.shape[-1]) is None:
+        return "reference"
+    if _mode == "triton":
+        return "triton"
+    return "op" if x.is_cuda and triton_available() else "reference"
+
+
+class _TritonFWHT(torch.autograd.Function):
+    """z = scale * x H^T through the Triton launcher; the map is linear, so its backward is the
+    transposed transform: dx = scale * dz H, in x's dtype (the same kernel, transpose flipped)."""
+
+    @staticmethod
+    def forward(ctx, x, transpose, scale, out_dtype):
+        from qat.kernels import hadamard_kernels as HK
+
+        ctx.transpose, ctx.scale, ctx.x_dtype = transpose, scale, x.dtype
+        return HK.fwht(x, transpose, scale, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        from qat.kernels import hadamard_kernels as HK
+
+        return HK.fwht(grad_z, not ctx.transpose, ctx.scale, ctx.x_dtype), None, None, None
+
+
+def fwht(x: torch.Tensor, transpose: bool = False, scale: float = 1.0,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """scale * x H_n^T (or scale * x H_n), x [..., n] -> [..., n] in ``out_dtype`` (default x's),
+    differentiable: the Triton kernel or qat::fwht per ``fwht_path``, else the torch reference
+    (``qat.adapters.hadamard.fwht`` in fp32, or fp64 for fp64 inputs)."""
+    path = fwht_path(x, out_dtype)
+    if path == "triton":
+        return _TritonFWHT.apply(x, transpose, scale, out_dtype)
+    from qat.kernels import ops
+
+    if path == "op":
+        return ops.fwht(x, transpose, scale, out_dtype)
+    return ops.reference_fwht(x, transpose, scale, out_dtype)
