@@ -198,15 +198,19 @@ def dense_weight(layer) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- Walsh-Hadamard transform
-# The outside WHT adapter's activation transform z = scale * x H^T (qat::fwht). The largest
-# tile one Triton program holds in registers: K_PAD * P fp32 values per row (kernels/hadamard_kernels.py).
-FWHT_MAX_ROW = 32768
+# The outside WHT adapter's activation transform z = scale * x H^T (qat::fwht). One Triton
+# program holds whole rows in registers, K_PAD * P fp32 values each, and the padded H_K factor,
+# K_PAD^2 fp32 (kernels/hadamard_kernels.py). The caps keep both within one SM's registers and
+# shared memory (16384 fp32 = 64 KiB per row; H_64 = 16 KiB); wider rows (e.g. 13824 = 108 * 128,
+# K_PAD 128) run the torch reference until a GPU session measures a split-row variant.
+FWHT_MAX_ROW = 16384
+FWHT_MAX_K_PAD = 64
 
 
 def fwht_tile(n: int) -> tuple[int, int, int] | None:
     """(K, K_PAD, P) of the fwht kernel's per-row tile [K_PAD, P] for width n = K * P (K_PAD:
     K rounded up to a power of two); None when n has no Hadamard factorisation or the padded
-    row exceeds FWHT_MAX_ROW (those widths run the torch reference)."""
+    row or H_K exceeds the caps above (those widths run the torch reference)."""
     from qat.adapters.hadamard import factor
 
     try:
@@ -214,7 +218,7 @@ def fwht_tile(n: int) -> tuple[int, int, int] | None:
     except ValueError:
         return None
     k_pad = 1 << (k - 1).bit_length()
-    return (k, k_pad, p) if k_pad * p <= FWHT_MAX_ROW else None
+    return (k, k_pad, p) if k_pad * p <= FWHT_MAX_ROW and k_pad <= FWHT_MAX_K_PAD else None
 
 
 def fwht_path(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> str:

@@ -42,8 +42,9 @@ from qat.adapters.hadamard import small_hadamard
 from qat.kernels.dispatch import fwht_tile
 from qat.kernels.triton_kernels import _TL_DTYPES, INTERPRETED, _cast
 
-# Elements of one program's tile (BLOCK_T * K_PAD * P fp32 values held in registers): 8192
-# is 64 values per thread at 4 warps. Untuned (no GPU has run this yet).
+# Target elements of one program's tile (BLOCK_T * K_PAD * P fp32 values held in registers;
+# one row may exceed it, up to dispatch.FWHT_MAX_ROW): with the launcher's warp count, 32 values
+# a thread. Untuned (no GPU has run this yet).
 TILE_ELEMS = 8192
 
 
@@ -124,7 +125,8 @@ def fwht(x: torch.Tensor, transpose: bool = False, scale: float = 1.0, out_dtype
         return z.reshape(x.shape)
     hk = _hk_factor(k, k_pad, bool(transpose), x.device) if k > 1 else x2  # x2: never read
     bt = block_t or block_rows(t, k_pad, p, k)
-    warps = 4 if bt * k_pad * p <= 4096 else 8
+    elems = bt * k_pad * p
+    warps = 4 if elems <= 4096 else (8 if elems <= 8192 else 16)  # <= 32 values a thread; untuned
     _fwht_kernel[(triton.cdiv(t, bt),)](
         x2, z, hk, t, x2.stride(0), z.stride(0), float(scale),
         K=k, K_PAD=k_pad, P=p, LOG_P=p.bit_length() - 1, HAS_SCALE=scale != 1.0,

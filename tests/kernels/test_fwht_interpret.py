@@ -100,7 +100,11 @@ def test_fwht_kernel_strided_rows_and_dtypes():
 def test_fwht_tile_and_paths():
     assert dispatch.fwht_tile(96) == (12, 16, 8) and dispatch.fwht_tile(4096) == (1, 1, 4096)
     assert dispatch.fwht_tile(100) is None            # no Hadamard width: the reference raises
-    assert dispatch.fwht_tile(140 * 256) is None      # K_PAD * P = 65536 > FWHT_MAX_ROW
+    assert dispatch.fwht_tile(60 * 256) == (60, 64, 256)
+    assert dispatch.fwht_tile(108 * 128) is None      # K_PAD 128 > FWHT_MAX_K_PAD
+    assert dispatch.fwht_tile(32768) is None          # P = 32768 > FWHT_MAX_ROW
+    with dispatch.use_kernels("triton"):              # such widths take the reference path
+        assert dispatch.fwht_path(torch.randn(1, 108 * 128)) == "reference"
     x = torch.randn(3, 64)
     with dispatch.use_kernels("triton"):
         assert dispatch.fwht_path(x) == "triton"
