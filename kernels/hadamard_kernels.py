@@ -70,6 +70,7 @@ def _fwht_kernel(
     offs_p = tl.arange(0, P)
     rows = offs_t.to(tl.int64)[:, None, None]                                  # [BT, 1, 1]
     cols = (offs_k[:, None] * P + offs_p[None, :])[None, :, :]                  # [1, KP, P]
+    # the p term is all true: it only gives the mask the tile's full [BT, KP, P] shape
     mask = (offs_t < T)[:, None, None] & (offs_k < K)[None, :, None] & (offs_p < P)[None, None, :]
     x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     v = _sylvester(tl.reshape(x, (BLOCK_T * K_PAD, P)), BLOCK_T * K_PAD, P, LOG_P)
