@@ -8,8 +8,10 @@ Row i of D is the inverse-transform-like image of row i of S, so a few coefficie
 input column: a full-rank update from nnz = r * (in + out) values, LoRA rank r's parameter count.
 
 placement "inside":  delta_weight() materialises D [out, in] (QuantLinear rounds W0 + D)
-placement "outside": forward(x) = c/n * (x H^T) S^T as a sparse (CSR) matmul, O(N * nnz); never
-                     builds the dense [out, in] D. Backward: dz = dy S (CSC view of the same S) and
+placement "outside": forward(x) = (c/n * x H^T) S^T as a sparse (CSR) matmul, O(N * nnz); never
+                     builds the dense [out, in] D. The transform z = c/n x H^T goes through
+                     qat.kernels.dispatch.fwht (a one-pass Triton kernel on the kernel path).
+                     Backward: dz = dy S (CSC view of the same S) and
                      d values = (dy^T z) sampled at the support (sampled_addmm): no index gathers of
                      [N, nnz] tensors, which made the first version 3x slower than LoRA.
 
@@ -27,6 +29,7 @@ from torch import nn
 
 from qat.adapters.hadamard import factor, fwht
 from qat.adapters.lora import check_placement
+from qat.kernels import dispatch
 
 
 def default_budget(rank: int, in_features: int, out_features: int) -> int:
@@ -128,14 +131,16 @@ class WHTAdapter(nn.Module):
         return fwht(self.sparse_dense(), transpose=True) * self.coef
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> x D^T = c/n (H x) S^T, [..., out], with no dense D."""
-        # In the values' dtype (fp32): a bf16 transform would round at each of its block products.
-        z = fwht(x.reshape(-1, self.in_features).to(self.values.dtype))  # [N, in] = x H^T
+        """x [..., in] -> x D^T = (c/n x H^T) S^T, [..., out], with no dense D."""
+        # z = c/n x H^T [N, in] in the values' dtype (fp32; a bf16 transform would round at each
+        # stage). dispatch.fwht: one-pass Triton kernel (coef folded into its store) on the
+        # kernel path, the torch GEMM-blocked fwht otherwise; differentiable either way.
+        z = dispatch.fwht(x.reshape(-1, self.in_features), scale=self.coef, out_dtype=self.values.dtype)
         if z.device.type in ("cpu", "cuda"):                               # CSR kernels exist there
             y = _SparseProject.apply(z, self.values, self.rows, self.cols, self.out_features)
         else:
             y = z @ self.sparse_dense().t()                                 # dense fallback, [N, out]
-        return (y * self.coef).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"nnz={self.values.numel()}, rank={self.rank}, alpha={self.alpha}, placement={self.placement!r}"

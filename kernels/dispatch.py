@@ -195,3 +195,71 @@ def dense_weight(layer) -> torch.Tensor:
         with torch.no_grad():
             return layer.dense_weight()
     return _run("dequant_fakequant", path, *weight_args(layer))
+
+
+# --------------------------------------------------------------------------- Walsh-Hadamard transform
+# The outside WHT adapter's activation transform z = scale * x H^T (qat::fwht). One Triton
+# program holds whole rows in registers, K_PAD * P fp32 values each, and the padded H_K factor,
+# K_PAD^2 fp32 (kernels/hadamard_kernels.py). The caps keep both within one SM's registers and
+# shared memory (16384 fp32 = 64 KiB per row; H_64 = 16 KiB); wider rows (e.g. 13824 = 108 * 128,
+# K_PAD 128) run the torch reference until a GPU session measures a split-row variant.
+FWHT_MAX_ROW = 16384
+FWHT_MAX_K_PAD = 64
+
+
+def fwht_tile(n: int) -> tuple[int, int, int] | None:
+    """(K, K_PAD, P) of the fwht kernel's per-row tile [K_PAD, P] for width n = K * P (K_PAD:
+    K rounded up to a power of two); None when n has no Hadamard factorisation or the padded
+    row or H_K exceeds the caps above (those widths run the torch reference)."""
+    from qat.adapters.hadamard import factor
+
+    try:
+        k, p = factor(n)
+    except ValueError:
+        return None
+    k_pad = 1 << (k - 1).bit_length()
+    return (k, k_pad, p) if k_pad * p <= FWHT_MAX_ROW and k_pad <= FWHT_MAX_K_PAD else None
+
+
+def fwht_path(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> str:
+    """"reference", "triton" (the launcher, also on CPU under TRITON_INTERPRET) or "op"
+    (qat::fwht, CUDA): the same mode logic as ``kernel_path``."""
+    dtypes_ok = x.dtype in _FLOATS and (out_dtype is None or out_dtype in _FLOATS)
+    if _mode == "reference" or not dtypes_ok or fwht_tile(x.shape[-1]) is None:
+        return "reference"
+    if _mode == "triton":
+        return "triton"
+    return "op" if x.is_cuda and triton_available() else "reference"
+
+
+class _TritonFWHT(torch.autograd.Function):
+    """z = scale * x H^T through the Triton launcher; the map is linear, so its backward is the
+    transposed transform: dx = scale * dz H, in x's dtype (the same kernel, transpose flipped)."""
+
+    @staticmethod
+    def forward(ctx, x, transpose, scale, out_dtype):
+        from qat.kernels import hadamard_kernels as HK
+
+        ctx.transpose, ctx.scale, ctx.x_dtype = transpose, scale, x.dtype
+        return HK.fwht(x, transpose, scale, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        from qat.kernels import hadamard_kernels as HK
+
+        return HK.fwht(grad_z, not ctx.transpose, ctx.scale, ctx.x_dtype), None, None, None
+
+
+def fwht(x: torch.Tensor, transpose: bool = False, scale: float = 1.0,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """scale * x H_n^T (or scale * x H_n), x [..., n] -> [..., n] in ``out_dtype`` (default x's),
+    differentiable: the Triton kernel or qat::fwht per ``fwht_path``, else the torch reference
+    (``qat.adapters.hadamard.fwht`` in fp32, or fp64 for fp64 inputs)."""
+    path = fwht_path(x, out_dtype)
+    if path == "triton":
+        return _TritonFWHT.apply(x, transpose, scale, out_dtype)
+    from qat.kernels import ops
+
+    if path == "op":
+        return ops.fwht(x, transpose, scale, out_dtype)
+    return ops.reference_fwht(x, transpose, scale, out_dtype)

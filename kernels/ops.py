@@ -229,3 +229,52 @@ def _(grad_y, x, *rest):
         if TK.grads_block_k(weight[9]):
             return TK.quant_linear_grads(grad_y, x, *weight, *extra)
     return reference_grads(grad_y, x, *weight, *extra)
+
+
+# --------------------------------------------------------------------------- fwht
+def reference_fwht(x: torch.Tensor, transpose: bool = False, scale: float = 1.0,
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """scale * x H_n^T (or scale * x H_n) through ``qat.adapters.hadamard.fwht``, computed in
+    fp32 (fp64 for fp64 inputs), then cast to ``out_dtype`` (default x's). Differentiable."""
+    from qat.adapters.hadamard import fwht as torch_fwht
+
+    z = torch_fwht(x.to(torch.promote_types(x.dtype, torch.float32)), transpose)
+    if scale != 1.0:
+        z = z * scale
+    return z.to(x.dtype if out_dtype is None else out_dtype)
+
+
+@torch.library.custom_op("qat::fwht", mutates_args=())
+def fwht(x: torch.Tensor, transpose: bool = False, scale: float = 1.0,
+         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """z = scale * x H_n^T (transpose False) or scale * x H_n, x [..., n], n = K * 2^m."""
+    return reference_fwht(x, transpose, scale, out_dtype)  # a fresh tensor: never aliases x
+
+
+@fwht.register_fake
+def _(x, transpose=False, scale=1.0, out_dtype=None):
+    return x.new_empty(x.shape, dtype=x.dtype if out_dtype is None else out_dtype)
+
+
+@fwht.register_kernel("cuda")
+def _(x, transpose=False, scale=1.0, out_dtype=None):
+    from qat.kernels.dispatch import fwht_tile
+
+    if _triton_ok(x) and (out_dtype is None or out_dtype in _FLOATS) and fwht_tile(x.shape[-1]):
+        from qat.kernels import hadamard_kernels as HK
+
+        return HK.fwht(x, transpose, scale, out_dtype)
+    return reference_fwht(x, transpose, scale, out_dtype)
+
+
+def _fwht_setup(ctx, inputs, output):
+    x, transpose, scale, _ = inputs
+    ctx.transpose, ctx.scale, ctx.x_dtype = transpose, scale, x.dtype
+
+
+def _fwht_backward(ctx, grad_z):
+    """Linear map: dx = scale * dz H (the transposed transform), in x's dtype."""
+    return torch.ops.qat.fwht(grad_z, not ctx.transpose, ctx.scale, ctx.x_dtype), None, None, None
+
+
+fwht.register_autograd(_fwht_backward, setup_context=_fwht_setup)

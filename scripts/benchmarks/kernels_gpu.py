@@ -26,6 +26,17 @@ and prints a table with the GPU's name, plus the ratios the issue's targets are 
 (fused step vs bnb: target >= 2x; vs bf16: target <= 1.3x). With --peak-tflops / --peak-gbps
 it adds the fraction of the matmul roofline (2MNK flops for the forward, 4MNK for dX + G)
 and of memory bandwidth (the bytes each fused kernel must move at least) reached.
+A second table (--no-wht skips it) covers, for the shapes whose `in` has a Walsh-Hadamard size,
+the outside WHT adapter at the LoRA parameter count r * (in + out), fp32 values, 16-bit
+activations:
+
+  wht: fwht_kern   the one-pass Triton transform z = c/n x H^T (qat::fwht, fp32 out)
+       fwht_torch  the torch reference transform (GEMM-blocked fwht in fp32)
+       fwd_kern / fwd_torch    adapter forward: transform + CSR sparse projection
+       step_kern / step_torch  adapter forward + backward (d values, dx)
+       step_lora   an outside LoRA branch of rank r (the same parameter count), forward + backward
+       kern GB/s   bytes the transform must move (x read, z written once) per fwht_kern time
+
 Needs CUDA and triton; ``--help`` works without either.
 """
 
@@ -53,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the GPU's dense 16-bit matmul peak, for the roofline fraction")
     p.add_argument("--peak-gbps", type=float, default=None, help="the GPU's memory bandwidth, GB/s")
+    p.add_argument("--no-wht", action="store_true", help="skip the outside WHT adapter table")
     return p.parse_args(argv)
 
 
@@ -193,7 +205,60 @@ def main(argv=None):
                           + 2 * weight[1].numel() * weight[1].element_size())
                 row.append(f"{nbytes / (ms['fused_fwd'] * 1e-3) / (args.peak_gbps * 1e9):.0%}")
             print(" | ".join(f"{c:>11}" for c in row), flush=True)
+    if not args.no_wht:
+        wht_outside_table(args, dtype)
     return 0
+
+
+def wht_outside_table(args, dtype, device="cuda"):
+    """Outside WHT adapter timings (the "wht:" block of the module docstring)."""
+    import torch
+
+    from qat.adapters import LoRAAdapter, WHTAdapter
+    from qat.kernels import dispatch, ops
+    from qat.kernels import hadamard_kernels as HK
+
+    cols = ["shape", "tokens", "fwht_kern", "fwht_torch", "fwd_kern", "fwd_torch", "step_kern",
+            "step_torch", "step_lora", "kern GB/s"]
+    print(f"\noutside WHT adapter, rank {args.rank} budget (nnz = r * (in + out)), fp32 values")
+    print(" | ".join(f"{c:>11}" for c in cols))
+    for shape in args.shapes:
+        out_f, in_f = (int(v) for v in shape.lower().split("x"))
+        if dispatch.fwht_tile(in_f) is None:
+            print(f"{shape:>11} | in = {in_f} has no Hadamard kernel width (qat.adapters.hadamard.factor)")
+            continue
+        wht = WHTAdapter(in_f, out_f, rank=args.rank, placement="outside", device=device)
+        lora = LoRAAdapter(in_f, out_f, rank=args.rank, placement="outside", device=device)
+        with torch.no_grad():
+            wht.values.normal_()
+            lora.lora_B.normal_(0, 0.01)
+        for m in args.tokens:
+            x = torch.randn(m, in_f, device=device, dtype=dtype)
+            xg = x.clone().requires_grad_()
+            gy = torch.randn(m, out_f, device=device, dtype=dtype)
+
+            def step(adapter, mode):
+                with dispatch.use_kernels(mode):
+                    adapter(xg).backward(gy)
+
+            def fwd(mode):
+                with dispatch.use_kernels(mode), torch.no_grad():
+                    wht(x)
+
+            t = {
+                "fwht_kern": lambda: HK.fwht(x, False, wht.coef, torch.float32),
+                "fwht_torch": lambda: ops.reference_fwht(x, False, wht.coef, torch.float32),
+                "fwd_kern": lambda: fwd("triton"),
+                "fwd_torch": lambda: fwd("reference"),
+                "step_kern": lambda: step(wht, "triton"),
+                "step_torch": lambda: step(wht, "reference"),
+                "step_lora": lambda: step(lora, "reference"),
+            }
+            ms = {k: _median_ms(fn, args.iters, args.warmup) for k, fn in t.items()}
+            nbytes = m * in_f * (x.element_size() + 4)  # x read once, fp32 z written once
+            row = [shape, str(m)] + [f"{ms[k]:.3f}ms" for k in cols[2:9]]
+            row.append(f"{nbytes / (ms['fwht_kern'] * 1e-3) / 1e9:.0f}")
+            print(" | ".join(f"{c:>11}" for c in row), flush=True)
 
 
 if __name__ == "__main__":
