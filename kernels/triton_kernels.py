@@ -245,6 +245,21 @@ def _codes_kernel(
 
 
 @triton.jit
+def _lora_delta_kernel(out_ptr, a_ptr, b_ptr, N, K, lora_scaling, RANK: tl.constexpr,
+                       LORA_DTYPE: tl.constexpr, INTERP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """D [N, K] fp32 exactly as every kernel forms it in registers (_lora_tile), written out:
+    for tests of its arithmetic only (the fused path never writes D)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n, mask_k = offs_n < N, offs_k < K
+    d = _lora_tile(offs_n, offs_k, mask_n, mask_k, a_ptr, b_ptr, K, lora_scaling, RANK,
+                   LORA_DTYPE, INTERP, BLOCK_N, BLOCK_K)
+    ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(ptrs, d, mask=mask_n[:, None] & mask_k[None, :])
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr, y_ptr, packed_ptr, bscale_ptr, bzero_ptr, wscale_ptr, wzero_ptr, delta_ptr, a_ptr, b_ptr,
     M, N, K, WORDS, N_GROUPS, stride_dn, lora_scaling, stride_xm, stride_ym,
@@ -495,6 +510,18 @@ def quant_codes(base_packed, base_scale, base_zero, weight_scale, weight_zero, d
     grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
     _codes_kernel[grid](out, *ptrs, n, in_features, *scalars, **const, INTERP=_interp(),
                         BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def lora_delta(lora_a, lora_b, lora_scaling, block_n: int = 32, block_k: int = 64):
+    """D = scaling * B A [out, in] fp32 as the kernels form it tile by tile (for tests)."""
+    n, k = lora_b.shape[0], lora_a.shape[1]
+    a, b, scaling, const = _lora_args(None, lora_a, lora_b, lora_scaling, None)
+    out = torch.empty(n, k, dtype=torch.float32, device=lora_a.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _lora_delta_kernel[grid](out, a, b, n, k, scaling, RANK=const["RANK"],
+                             LORA_DTYPE=const["LORA_DTYPE"], INTERP=_interp(),
+                             BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
 

@@ -143,6 +143,19 @@ def _kernel_w(layer):
     return layer.base_weight() + kernel_delta(layer.adapter)
 
 
+@pytest.mark.parametrize("rank,lora_dtype", [(1, F32), (4, F32), (8, BF16), (24, F32), (24, F16)])
+def test_in_kernel_d_is_the_fma_chain(rank, lora_dtype):
+    """The D tile helper every kernel uses, written out, equals the documented fma chain bit for
+    bit, on two tilings (so it does not depend on the tile). Codes and W_hat see D only through
+    rounding, so this is the test that pins D's own bits."""
+    layer = _layer(4, True, 40, 96, 32, rank, lora_dtype=lora_dtype)
+    lora = layer.adapter
+    a, b = lora.lora_A.detach(), lora.lora_B.detach()
+    want = kernel_delta(lora)
+    for bn, bk in ((16, 32), (64, 64)):
+        assert torch.equal(TK.lora_delta(a, b, lora.scaling, block_n=bn, block_k=bk), want)
+
+
 # --------------------------------------------------------------------------- (a) and (b)
 @pytest.mark.parametrize("bits,sym,out,inp,group,tokens,block_k,rank,act,ldt", CASES, ids=IDS)
 def test_codes_and_w_hat_from_the_in_kernel_d(bits, sym, out, inp, group, tokens, block_k, rank,
