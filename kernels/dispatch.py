@@ -97,6 +97,9 @@ def supported(layer, act: torch.Tensor | None = None) -> bool:
     if not layer.fake_quant_enabled or not 1 <= int(layer.spec.storage_bits) <= 8:
         return False
     tensors = [layer.base_scale, layer.weight_scale, act]
+    lora = _plain_lora(_inside_adapter(layer))
+    if lora is not None:  # its factors go into the kernels
+        tensors += [lora.lora_A, lora.lora_B]
     return layer.scale_dtype in _FLOATS and all(t is None or t.dtype in _FLOATS for t in tensors)
 
 

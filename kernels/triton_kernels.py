@@ -1,8 +1,10 @@
 """Triton kernels: packed base -> W_hat (dequant + delta + fake-quant), fused into the matmuls.
 
     W0    = s0 * (q0 - z0)                      q0 unpacked from int32 words (cross-word layout)
+    D     = a dense delta [out, in], or for a plain LoRA scaling * B A formed per tile in
+            registers from A [r, in] and B [out, r] (a fixed fma chain over r, _lora_tile)
     W_hat = s * (clamp(round((W0 + D) / s) + z) - z)
-    y     = x @ W_hat^T          dX = grad_y @ W_hat
+    y     = x @ W_hat^T          dX = grad_y @ W_hat          codes = clamp(round((W0 + D)/s) + z)
 
 W_hat tiles are computed on the fly from the packed codes and steps inside the matmul loops;
 no dense weight is ever written to global memory by the fused kernels. Arithmetic matches
@@ -10,7 +12,9 @@ no dense weight is ever written to global memory by the fused kernels. Arithmeti
 round-to-nearest (``div_rn``, not the approximate ``/``), rounding is half-to-even like
 ``torch.round`` and the products ``(q - z) * s`` are formed exactly in fp32 before the single
 rounding to the output dtype (as the reference's one multiply in the scale dtype). Matmuls
-accumulate in fp32.
+accumulate in fp32. The in-register LoRA D matches torch's ``(B @ A) * scaling`` only where
+torch's matmul sums in the same fma order (it does for small r on MKL CPUs; other BLAS may
+not), so export takes its codes from ``quant_codes``, the same D as training's W_hat.
 
 This module imports triton at import time: import it lazily (``qat.kernels.dispatch`` does)
 and, for CPU tests, only after setting ``TRITON_INTERPRET=1``.
