@@ -631,15 +631,14 @@ def quant_linear_grads(grad_y, x, base_packed, base_scale, base_zero, weight_sca
     dd = torch.empty(n, in_features, dtype=delta.dtype, device=dev) if want_dd else ds_part
     r = lora_a.shape[0] if lora else 0
     r_pad = max(16, triton.next_power_of_2(r)) if lora else 16
+    db_part = da_part = ds_part
     if lora:
-        lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
         db_part = torch.empty(kt, n, r_pad, **f32)             # per-k-tile dDelta A^T
         da_part = torch.empty(nt, r_pad, in_features, **f32)   # per-n-tile B^T dDelta
-    else:
-        db_part = da_part = ds_part
-    # The LoRA reduction reads the factors through the same a/b pointers as the D tile.
-    ptrs = ptrs[:6] + ((lora_a, lora_b) if lora else ptrs[6:])
-    const["RANK"] = r if lora else const["RANK"]
+        # The dA / dB reduction reads the factors through the a / b pointers the D tile uses;
+        # on the dense-D path (delta given too) _weight_args left dummies there.
+        ptrs = ptrs[:6] + (lora_a.contiguous(), lora_b.contiguous())
+        const["RANK"] = r
     _grads_kernel[(nt, kt)](
         g2, x2, *ptrs, ds_part, dz_part, dd, db_part, da_part,
         m, n, in_features, *scalars, g2.stride(0), x2.stride(0), nslots, **const,
