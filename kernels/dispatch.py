@@ -13,6 +13,13 @@ the previous mode on exit. The layer-facing entry points take a ``QuantLinear``:
     quant_linear_backward(grad_y, x, layer, trainables) -> (dX, gradients of the steps, zero
                                   points and inside-adapter parameters; LoRA's A and B fused)
     dense_weight(layer)           -> W_hat (no autograd)
+    quant_codes(layer)            -> the integer codes W_hat is built from (what export writes)
+
+A plain inside ``LoRAAdapter`` reaches the kernels as its factors A, B and scaling: the kernels
+form D = scaling * B A tile by tile in registers, so no dense D is built in forward or backward.
+That D may round differently from torch's ``(B @ A) * scaling``, so ``quant_codes`` (and through
+it ``QuantLinear.export_codes``) takes the same path as the forward: on the kernel path the codes
+come from the same in-kernel D as training's W_hat; on the reference path nothing changes.
 """
 
 from __future__ import annotations
@@ -68,13 +75,15 @@ def _inside_adapter(layer):
     return adapter if adapter is not None and adapter.placement == "inside" else None
 
 
-def weight_args(layer, delta: torch.Tensor | None = None) -> tuple:
-    """The op's weight arguments for a QuantLinear (steps cast to the saved dtype, as the layer).
+def weight_args(layer, delta: torch.Tensor | None = None, build_delta: bool = True) -> tuple:
+    """The op's weight arguments for a QuantLinear (steps cast to the saved dtype, as the layer),
+    with a dense D: the dense-D path (see ``kernel_args`` for the fused LoRA one).
 
-    ``delta``: the inside adapter's D when the caller has built it already (else built here).
+    ``delta``: the inside adapter's D when the caller has built it already (else built here,
+    unless ``build_delta`` is False: then no D, for a caller passing the LoRA factors instead).
     """
     scale, zero = layer._steps()
-    if delta is None and _inside_adapter(layer) is not None:
+    if delta is None and build_delta and _inside_adapter(layer) is not None:
         delta = layer.adapter.delta_weight()
     qmin, qmax = P.qrange(layer.spec.bits)
     return (layer.base_packed, layer.base_scale, layer.base_zero_point, scale.detach(),
@@ -88,6 +97,9 @@ def supported(layer, act: torch.Tensor | None = None) -> bool:
     if not layer.fake_quant_enabled or not 1 <= int(layer.spec.storage_bits) <= 8:
         return False
     tensors = [layer.base_scale, layer.weight_scale, act]
+    lora = _plain_lora(_inside_adapter(layer))
+    if lora is not None:  # its factors go into the kernels
+        tensors += [lora.lora_A, lora.lora_B]
     return layer.scale_dtype in _FLOATS and all(t is None or t.dtype in _FLOATS for t in tensors)
 
 
@@ -110,13 +122,31 @@ def _run(name: str, path: str, *args):
     return getattr(torch.ops.qat, name)(*args)
 
 
+def lora_args(lora) -> tuple:
+    """(lora_a [r, in], lora_b [out, r], scaling) of a plain LoRA for the ops; (None, None, 1.0)
+    without one."""
+    if lora is None:
+        return None, None, 1.0
+    return lora.lora_A.detach(), lora.lora_B.detach(), lora.scaling
+
+
+def kernel_args(layer) -> tuple:
+    """Weight args + LoRA args for the weight-only ops on the kernel path: a plain inside LoRA
+    as its factors (D formed in the kernels, never dense), any other inside adapter as a dense
+    D built by its ``delta_weight``."""
+    lora = _plain_lora(_inside_adapter(layer))
+    if lora is None:
+        return (*weight_args(layer), *lora_args(None))
+    return (*weight_args(layer, build_delta=False), *lora_args(lora))
+
+
 def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y = x @ W_hat^T (no bias) for the forward; no autograd through the result."""
     path = kernel_path(layer, x)
     if path == "reference":
         with torch.no_grad():
             return F.linear(x, layer.dense_weight().to(x.dtype))
-    return _run("quant_linear_fwd", path, x, *weight_args(layer))
+    return _run("quant_linear_fwd", path, x, *kernel_args(layer))
 
 
 def _plain_lora(adapter):
@@ -137,30 +167,24 @@ def quant_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, layer, trainabl
     G = grad_y^T x tile by tile; no dense W_hat or G. grad_y [..., out], x [..., in];
     ``trainables`` is ``layer.trainable_tensors()``, the order of the returned list.
 
-    Steps and zero points come straight from the op; a plain LoRA's A and B too. Any other
-    inside adapter gets dD [out, in] from the op and its own autograd maps dD to its parameters.
-    The adapter's D is built once for both ops.
+    Steps and zero points come straight from the op. A plain LoRA goes in as its factors, as in
+    the forward: both ops form D in registers (the forward's D, bit for bit) and the grads op
+    reduces dA and dB itself (also when the LoRA is frozen: the op has no switch for it). Any
+    other inside adapter's D is built once, densely, for both ops; the op returns dD [out, in]
+    and the adapter's own autograd maps it to its parameters.
     """
     path = kernel_path(layer, grad_y)
     adapter = _inside_adapter(layer)
+    lora = _plain_lora(adapter)
     wanted = {id(t) for t in trainables}
     adapter_wanted = adapter is not None and any(id(p) in wanted for p in adapter.parameters())
-    lora = _plain_lora(adapter) if adapter_wanted else None
-    delta = delta_graph = None
-    if adapter is not None:
-        if adapter_wanted and lora is None:
-            with torch.enable_grad():
-                delta_graph = adapter.delta_weight()  # D with its graph to the adapter's parameters
-            delta = delta_graph.detach()
-        else:
-            with torch.no_grad():
-                delta = adapter.delta_weight()
-    weight = weight_args(layer, delta)
-    grad_x = _run("quant_linear_dx", path, grad_y, *weight) if need_dx else None
+    delta, delta_graph = _dense_delta(adapter, adapter_wanted) if lora is None else (None, None)
+    weight = weight_args(layer, delta, build_delta=False)
+    factors = lora_args(lora)
+    grad_x = _run("quant_linear_dx", path, grad_y, *weight, *factors) if need_dx else None
     if not trainables:
         return grad_x, []
-    lora_args = (None, None, 1.0) if lora is None else (lora.lora_A.detach(), lora.lora_B.detach(), lora.scaling)
-    args = (grad_y, x, *weight, P.lsq_grad_scale(layer.group_size, layer.spec.bits), *lora_args,
+    args = (grad_y, x, *weight, P.lsq_grad_scale(layer.group_size, layer.spec.bits), *factors,
             delta_graph is not None)
     # The op's CUDA impl falls back to the reference itself; direct Triton needs the tile check.
     if path == "op" or (path == "triton" and _grads_tile_ok(layer.group_size)):
@@ -182,6 +206,19 @@ def quant_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, layer, trainabl
     return grad_x, [found.get(id(t)) for t in trainables]
 
 
+def _dense_delta(adapter, with_graph: bool) -> tuple:
+    """(D [out, in] detached, D with its graph to the adapter's parameters or None) for an inside
+    adapter that is not a plain LoRA; (None, None) without an inside adapter."""
+    if adapter is None:
+        return None, None
+    if with_graph:
+        with torch.enable_grad():
+            graph = adapter.delta_weight()
+        return graph.detach(), graph
+    with torch.no_grad():
+        return adapter.delta_weight(), None
+
+
 def _grads_tile_ok(group_size: int) -> bool:
     from qat.kernels import triton_kernels as TK
 
@@ -194,7 +231,22 @@ def dense_weight(layer) -> torch.Tensor:
     if path == "reference":
         with torch.no_grad():
             return layer.dense_weight()
-    return _run("dequant_fakequant", path, *weight_args(layer))
+    return _run("dequant_fakequant", path, *kernel_args(layer))
+
+
+def quant_codes(layer) -> torch.Tensor:
+    """The codes [out, in] int8, clamp(round((W0 + D)/s) + z), that the forward's W_hat is built
+    from on this layer's path: the kernels' own (same in-kernel D, same v, same rounding) on the
+    kernel path, ``P.quantize_codes`` of ``pre_quant_weight`` on the reference path. The path is
+    chosen as for ``dense_weight``: by the device the layer lives on, which is the device its
+    activations run on."""
+    path = kernel_path(layer, layer.weight_scale)
+    if path == "reference":
+        scale, zero = layer._steps()
+        with torch.no_grad():
+            return P.quantize_codes(layer.pre_quant_weight(), scale, zero, layer.spec.bits,
+                                    layer.group_size)
+    return _run("quant_codes", path, *kernel_args(layer))
 
 
 # --------------------------------------------------------------------------- Walsh-Hadamard transform

@@ -1,8 +1,9 @@
 """``torch.library`` custom ops (namespace ``qat``) for the packed-base quantized linear.
 
-    qat::dequant_fakequant(weight args) -> W_hat [out, in]          (out_dtype)
-    qat::quant_linear_fwd(x, weight args) -> y = x @ W_hat^T         (x's dtype, no bias)
-    qat::quant_linear_dx(grad_y, weight args) -> dX = grad_y @ W_hat (grad_y's dtype)
+    qat::dequant_fakequant(weight args, lora) -> W_hat [out, in]          (out_dtype)
+    qat::quant_codes(weight args, lora) -> codes [out, in] int8            (what export writes)
+    qat::quant_linear_fwd(x, weight args, lora) -> y = x @ W_hat^T         (x's dtype, no bias)
+    qat::quant_linear_dx(grad_y, weight args, lora) -> dX = grad_y @ W_hat (grad_y's dtype)
     qat::quant_linear_grads(grad_y, x, weight args, lsq_scale, lora_a, lora_b, lora_scaling,
                             delta_grad) -> (d weight_scale, d weight_zero, d delta, d lora_A, d lora_B)
 
@@ -12,6 +13,15 @@ Weight args, in order: ``base_packed`` int32 [out, words], ``base_scale`` [out, 
 [out, in] or None (an inside adapter's dense update), ``storage_bits``, ``bits_qmin``,
 ``bits_qmax`` (the trained grid, so ternary is (-1, 1)), ``group_size``, ``in_features``,
 ``out_dtype`` (W_hat's dtype, the layer's scale dtype).
+
+LoRA args, in order, optional: ``lora_a`` [r, in], ``lora_b`` [out, r], ``lora_scaling``. An
+inside LoRA's update comes either as ``delta`` or as its factors, never both (the grads op
+alone takes both: the dense-D path, where the factors only serve dA / dB). From the factors the
+reference builds D = (B @ A) * scaling exactly as ``LoRAAdapter.delta_weight``; the Triton
+kernels form each [BN, BK] tile of D in registers instead (a fixed fma order over r, see
+``triton_kernels._lora_tile``), which may round differently from torch's matmul. That is why
+export asks ``qat::quant_codes`` for its codes on the kernel path: they come from the same
+in-kernel D as training's W_hat (docs/KERNELS.md, "Exactness").
 
 Every device gets the reference (``qat.primitives`` / ``qat.packing``); CUDA gets the Triton
 kernels when triton is importable and the dtypes are supported. The fake implementations give
@@ -44,20 +54,44 @@ def bits_from_range(qmin: int, qmax: int) -> float:
     return bits
 
 
-def _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features):
-    """W0 + D [out, in] fp32, as ``QuantLinear.pre_quant_weight``."""
+def _one_delta(delta, lora_a):
+    if delta is not None and lora_a is not None:
+        raise ValueError("pass the inside adapter's update once: a dense delta or the LoRA factors")
+
+
+def _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features,
+               lora_a=None, lora_b=None, lora_scaling=1.0):
+    """W0 + D [out, in] fp32, as ``QuantLinear.pre_quant_weight``: D is ``delta``, else
+    (B @ A) * scaling from the LoRA factors (``LoRAAdapter.delta_weight``), else 0."""
     codes = unpack_int32(base_packed, storage_bits, in_features)
     w = P.dequantize(codes, base_scale, base_zero, storage_bits, group_size)
+    if delta is None and lora_a is not None:
+        delta = (lora_b @ lora_a) * lora_scaling
     return w if delta is None else w + delta.float()
 
 
 @torch.no_grad()
 def reference_w_hat(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
-                    storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype):
+                    storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype,
+                    lora_a=None, lora_b=None, lora_scaling=1.0):
     """W_hat exactly as ``QuantLinear.dense_weight`` computes it, through ``qat.primitives``."""
-    w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features)
+    _one_delta(delta, lora_a)
+    w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features,
+                   lora_a, lora_b, lora_scaling)
     bits = bits_from_range(bits_qmin, bits_qmax)
     return P.fake_quantize(w, weight_scale, weight_zero, bits, group_size).to(out_dtype)
+
+
+@torch.no_grad()
+def reference_codes(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
+                    storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype,
+                    lora_a=None, lora_b=None, lora_scaling=1.0):
+    """Codes [out, in] int8 exactly as ``QuantLinear.export_codes`` computes them in torch."""
+    _one_delta(delta, lora_a)
+    w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features,
+                   lora_a, lora_b, lora_scaling)
+    bits = bits_from_range(bits_qmin, bits_qmax)
+    return P.quantize_codes(w, weight_scale, weight_zero, bits, group_size)
 
 
 @torch.no_grad()
@@ -72,12 +106,14 @@ def reference_grads(grad_y, x, base_packed, base_scale, base_zero, weight_scale,
     weight_scale [out, G], grad weight_zero [out, G], grad delta [out, in], grad lora_A [r, in],
     grad lora_B [out, r]), each in its input's dtype; an empty [0] tensor for those not asked
     for (no zero point; ``delta_grad`` False; no LoRA factors). With LoRA factors,
-    D = lora_scaling * B @ A (``LoRAAdapter.delta_weight``) and ``delta`` must be it.
+    D = (B @ A) * lora_scaling (``LoRAAdapter.delta_weight``): built here when ``delta`` is
+    None, else ``delta`` must be it.
     """
     def empty():  # a fresh [0] tensor per unused output (op outputs may not alias each other)
         return weight_scale.new_empty(0)
 
-    w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features)
+    w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features,
+                   lora_a, lora_b, lora_scaling)
     acc = torch.promote_types(torch.float32, weight_scale.dtype)     # fp32 (fp64 for fp64 steps)
     grad_w = P.linear_weight_grad(grad_y, x, acc)                    # G [out, in]
     bits = bits_from_range(bits_qmin, bits_qmax)
@@ -100,34 +136,57 @@ def _triton_ok(*tensors) -> bool:
     return triton_available() and all(t is None or t.dtype in _FLOATS for t in tensors)
 
 
-# --------------------------------------------------------------------------- dequant_fakequant
-@torch.library.custom_op("qat::dequant_fakequant", mutates_args=())
-def dequant_fakequant(
-    base_packed: torch.Tensor, base_scale: torch.Tensor, base_zero: Optional[torch.Tensor],
-    weight_scale: torch.Tensor, weight_zero: Optional[torch.Tensor], delta: Optional[torch.Tensor],
-    storage_bits: int, bits_qmin: int, bits_qmax: int, group_size: int, in_features: int,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    return reference_w_hat(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
-                           storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype)
+# --------------------------------------------------------------------------- weight-only ops
+# The weight args and LoRA args of every op below, as one schema (see the module docstring).
+def _weight_op(name: str, reference):
+    """A ``torch.library`` op ``qat::name(weight args, lora args)`` on the weight alone:
+    the reference on every device, the Triton launcher of the same name on CUDA."""
+
+    @torch.library.custom_op(f"qat::{name}", mutates_args=())
+    def op(
+        base_packed: torch.Tensor, base_scale: torch.Tensor, base_zero: Optional[torch.Tensor],
+        weight_scale: torch.Tensor, weight_zero: Optional[torch.Tensor], delta: Optional[torch.Tensor],
+        storage_bits: int, bits_qmin: int, bits_qmax: int, group_size: int, in_features: int,
+        out_dtype: torch.dtype, lora_a: Optional[torch.Tensor] = None,
+        lora_b: Optional[torch.Tensor] = None, lora_scaling: float = 1.0,
+    ) -> torch.Tensor:
+        return reference(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
+                         storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype,
+                         lora_a, lora_b, lora_scaling)
+
+    @op.register_kernel("cuda")
+    def _(*args):
+        if _triton_weight_ok(args):
+            from qat.kernels import triton_kernels as TK
+
+            return getattr(TK, name)(*args)
+        return reference(*args)
+
+    return op
+
+
+def _triton_weight_ok(weight) -> bool:
+    """Whether the Triton kernels take these weight (+ LoRA) args: float steps, delta, factors
+    and output dtype."""
+    base_scale, weight_scale, delta, out_dtype = weight[1], weight[3], weight[5], weight[11]
+    lora = tuple(weight[12:14])
+    return _triton_ok(base_scale, weight_scale, delta, *lora) and out_dtype in _FLOATS
+
+
+dequant_fakequant = _weight_op("dequant_fakequant", reference_w_hat)
+quant_codes = _weight_op("quant_codes", reference_codes)
 
 
 @dequant_fakequant.register_fake
 def _(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta, storage_bits, bits_qmin,
-      bits_qmax, group_size, in_features, out_dtype):
+      bits_qmax, group_size, in_features, out_dtype, lora_a=None, lora_b=None, lora_scaling=1.0):
     return base_packed.new_empty((base_packed.shape[0], in_features), dtype=out_dtype)
 
 
-@dequant_fakequant.register_kernel("cuda")
+@quant_codes.register_fake
 def _(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta, storage_bits, bits_qmin,
-      bits_qmax, group_size, in_features, out_dtype):
-    args = (base_packed, base_scale, base_zero, weight_scale, weight_zero, delta, storage_bits,
-            bits_qmin, bits_qmax, group_size, in_features, out_dtype)
-    if _triton_ok(base_scale, weight_scale, delta) and out_dtype in _FLOATS:
-        from qat.kernels import triton_kernels as TK
-
-        return TK.dequant_fakequant(*args)
-    return reference_w_hat(*args)
+      bits_qmax, group_size, in_features, out_dtype, lora_a=None, lora_b=None, lora_scaling=1.0):
+    return base_packed.new_empty((base_packed.shape[0], in_features), dtype=torch.int8)
 
 
 # --------------------------------------------------------------------------- quant_linear_fwd
@@ -137,10 +196,12 @@ def quant_linear_fwd(
     base_packed: torch.Tensor, base_scale: torch.Tensor, base_zero: Optional[torch.Tensor],
     weight_scale: torch.Tensor, weight_zero: Optional[torch.Tensor], delta: Optional[torch.Tensor],
     storage_bits: int, bits_qmin: int, bits_qmax: int, group_size: int, in_features: int,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None, lora_scaling: float = 1.0,
 ) -> torch.Tensor:
     w_hat = reference_w_hat(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
-                            storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype)
+                            storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype,
+                            lora_a, lora_b, lora_scaling)
     return F.linear(x, w_hat.to(x.dtype))
 
 
@@ -151,7 +212,7 @@ def _(x, base_packed, *rest):
 
 @quant_linear_fwd.register_kernel("cuda")
 def _(x, *weight):
-    if _triton_ok(x, weight[1], weight[3], weight[5]) and weight[-1] in _FLOATS:
+    if _triton_ok(x) and _triton_weight_ok(weight):
         from qat.kernels import triton_kernels as TK
 
         return TK.quant_linear_fwd(x, *weight)
@@ -165,22 +226,24 @@ def quant_linear_dx(
     base_packed: torch.Tensor, base_scale: torch.Tensor, base_zero: Optional[torch.Tensor],
     weight_scale: torch.Tensor, weight_zero: Optional[torch.Tensor], delta: Optional[torch.Tensor],
     storage_bits: int, bits_qmin: int, bits_qmax: int, group_size: int, in_features: int,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None, lora_scaling: float = 1.0,
 ) -> torch.Tensor:
     w_hat = reference_w_hat(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
-                            storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype)
+                            storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype,
+                            lora_a, lora_b, lora_scaling)
     return grad_y @ w_hat.to(grad_y.dtype)
 
 
 @quant_linear_dx.register_fake
 def _(grad_y, base_packed, *rest):
-    in_features = rest[-2]
+    in_features = rest[9]
     return grad_y.new_empty((*grad_y.shape[:-1], in_features))
 
 
 @quant_linear_dx.register_kernel("cuda")
 def _(grad_y, *weight):
-    if _triton_ok(grad_y, weight[1], weight[3], weight[5]) and weight[-1] in _FLOATS:
+    if _triton_ok(grad_y) and _triton_weight_ok(weight):
         from qat.kernels import triton_kernels as TK
 
         return TK.quant_linear_dx(grad_y, *weight)
@@ -223,7 +286,7 @@ def _(grad_y, x, base_packed, base_scale, base_zero, weight_scale, weight_zero, 
 @quant_linear_grads.register_kernel("cuda")
 def _(grad_y, x, *rest):
     weight, extra = rest[:12], rest[12:]
-    if _triton_ok(grad_y, x, weight[1], weight[3], weight[5]) and weight[-1] in _FLOATS:
+    if _triton_ok(grad_y, x, extra[1], extra[2]) and _triton_weight_ok(weight):
         from qat.kernels import triton_kernels as TK
 
         if TK.grads_block_k(weight[9]):

@@ -214,11 +214,14 @@ class QuantLinear(nn.Module):
         """The forward's last line, frozen: (codes [out, in] int8, scale [out, G], zero point).
 
         Scale is in scale_dtype (as saved); the zero point is the integer one the forward used.
+        The codes come through the same dispatch path as the forward (``dispatch.quant_codes``):
+        on the kernel path a plain inside LoRA's D is formed in the kernels, rounding apart
+        from torch's ``B @ A``, so the codes must be the kernels' own to be the trained ones.
         """
         if not self.fake_quant_enabled:
             raise RuntimeError("fake quantization is off for this layer: turn it on before exporting")
         scale, zero = self._steps()
-        codes = P.quantize_codes(self.pre_quant_weight(), scale, zero, self.spec.bits, self.group_size)
+        codes = dispatch.quant_codes(self)
         zero_int = None if zero is None else P.round_zero_point(zero, self.spec.bits).to(torch.int8)
         return codes, scale.detach().clone(), zero_int
 
@@ -248,7 +251,7 @@ class QuantLinear(nn.Module):
         """A float ``nn.Linear`` holding W_hat (the merged, quantized weight), for comparison."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            dtype=self.scale_dtype, device=self.base_packed.device)
-        linear.weight.copy_(self.dense_weight())
+        linear.weight.copy_(dispatch.dense_weight(self))  # the forward's W_hat, on its path
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear

@@ -6,14 +6,20 @@
 
 For each weight shape [out x in] and token count it times (median of --iters runs, CUDA events):
 
-  forward
-    fused_fwd    qat::quant_linear_fwd through Triton (W_hat tiles built inside the matmul)
+  forward (inside LoRA of rank --rank on the quantized layer)
+    fwd_inD      qat::quant_linear_fwd through Triton, D = scaling * B A formed per tile in
+                 registers from the factors (what dispatch runs for a plain LoRA)
+    fwd_denseD   the same kernel reading a dense fp32 D, including building D = (B @ A) * scaling
+                 in torch first (what dispatch ran before the in-kernel D)
     ref_fwd      reference: unpack + dequant + fake-quant in torch, then F.linear
-    dq+linear    Triton W_hat kernel, then cuBLAS F.linear (the unfused alternative)
-  backward (inside LoRA of rank --rank on the quantized layer)
-    fused_dx     dX = grad_y @ W_hat through Triton
-    fused_grads  qat::quant_linear_grads through Triton: step / zero-point gradients and LoRA
-                 dA, dB from G = grad_y^T x reduced tile by tile (no dense G or W_hat)
+    dq+linear    Triton W_hat kernel (in-kernel D), then cuBLAS F.linear (the unfused alternative)
+  backward
+    dx_inD       dX = grad_y @ W_hat through Triton, in-kernel D
+    dx_denseD    the same from a dense D built in torch (timed with the build)
+    grads_inD    qat::quant_linear_grads through Triton, in-kernel D: step / zero-point
+                 gradients and LoRA dA, dB from G = grad_y^T x reduced tile by tile (no dense
+                 G, W_hat or D)
+    grads_denseD the same reading a dense D built in torch (timed with the build)
     ref_grads    the op's torch reference: dense W0 + D, G, the LSQ formulas, dA / dB
   a whole training step of the layer (forward + backward, LoRA inside)
     step_fused   QuantLinear with use_kernels("triton")
@@ -23,9 +29,11 @@ For each weight shape [out x in] and token count it times (median of --iters run
                  bitsandbytes is missing or fails)
 
 and prints a table with the GPU's name, plus the ratios the issue's targets are stated in
-(fused step vs bnb: target >= 2x; vs bf16: target <= 1.3x). With --peak-tflops / --peak-gbps
-it adds the fraction of the matmul roofline (2MNK flops for the forward, 4MNK for dX + G)
-and of memory bandwidth (the bytes each fused kernel must move at least) reached.
+(fused step vs bnb: target >= 2x; vs bf16: target <= 1.3x), and "inD gain": the dense-D
+forward + dX + grads time over the in-kernel-D one (> 1: forming D in registers pays). With
+--peak-tflops / --peak-gbps it adds the fraction of the matmul roofline (2MNK flops for the
+forward, 4MNK for dX + G) and of memory bandwidth (the bytes each fused kernel must move at
+least) reached.
 A second table (--no-wht skips it) covers, for the shapes whose `in` has a Walsh-Hadamard size,
 the outside WHT adapter at the LoRA parameter count r * (in + out), fp32 values, 16-bit
 activations:
@@ -144,8 +152,9 @@ def main(argv=None):
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
           f"bits {args.bits} storage {args.storage_bits or args.bits} group {args.group_size} "
           f"{'asym' if args.asymmetric else 'sym'}  LoRA rank {args.rank}  median of {args.iters}")
-    cols = ["shape", "tokens", "fused_fwd", "ref_fwd", "dq+linear", "fused_dx", "fused_grads",
-            "ref_grads", "step_fused", "step_ref", "step_bf16", "step_bnb", "vs bnb", "vs bf16"]
+    timed = ["fwd_inD", "fwd_denseD", "ref_fwd", "dq+linear", "dx_inD", "dx_denseD", "grads_inD",
+             "grads_denseD", "ref_grads", "step_fused", "step_ref", "step_bf16", "step_bnb"]
+    cols = ["shape", "tokens", *timed, "vs bnb", "vs bf16", "inD gain"]
     if args.peak_tflops:
         cols += ["fwd %mm", "bwd %mm"]
     if args.peak_gbps:
@@ -155,9 +164,15 @@ def main(argv=None):
         out_f, in_f = (int(v) for v in shape.lower().split("x"))
         layer, w_dense = _layer(out_f, in_f, args, dtype)
         lora = layer.adapter
-        weight = dispatch.weight_args(layer)
+        fused = dispatch.kernel_args(layer)              # weight args (no D) + the LoRA factors
+        weight, lora_args = fused[:12], fused[12:]
         lsq = P.lsq_grad_scale(layer.group_size, args.bits)
-        lora_args = (lora.lora_A.detach(), lora.lora_B.detach(), lora.scaling)
+
+        def dense():
+            """Weight args with a dense D built in torch now, as dispatch did before the
+            in-kernel D (so the dense-D rows pay for the build, as training did)."""
+            with torch.no_grad():
+                return dispatch.weight_args(layer, lora.delta_weight())
         # bf16 / bnb baselines: a frozen dense weight plus a trainable LoRA branch
         a16 = lora.lora_A.detach().to(dtype).clone().requires_grad_()
         b16 = lora.lora_B.detach().to(dtype).clone().requires_grad_()
@@ -176,11 +191,14 @@ def main(argv=None):
                 y.backward(gy)
 
             t = {
-                "fused_fwd": lambda: TK.quant_linear_fwd(x, *weight),
-                "ref_fwd": lambda: F.linear(x, ops.reference_w_hat(*weight).to(dtype)),
-                "dq+linear": lambda: F.linear(x, TK.dequant_fakequant(*weight)),
-                "fused_dx": lambda: TK.quant_linear_dx(gy, *weight),
-                "fused_grads": lambda: TK.quant_linear_grads(gy, x, *weight, lsq, *lora_args, False),
+                "fwd_inD": lambda: TK.quant_linear_fwd(x, *fused),
+                "fwd_denseD": lambda: TK.quant_linear_fwd(x, *dense()),
+                "ref_fwd": lambda: F.linear(x, ops.reference_w_hat(*fused).to(dtype)),
+                "dq+linear": lambda: F.linear(x, TK.dequant_fakequant(*fused)),
+                "dx_inD": lambda: TK.quant_linear_dx(gy, *fused),
+                "dx_denseD": lambda: TK.quant_linear_dx(gy, *dense()),
+                "grads_inD": lambda: TK.quant_linear_grads(gy, x, *weight, lsq, *lora_args, False),
+                "grads_denseD": lambda: TK.quant_linear_grads(gy, x, *dense(), lsq, *lora_args, False),
                 "ref_grads": lambda: ops.reference_grads(gy, x, *weight, lsq, *lora_args, False),
                 "step_fused": lambda: step("triton"),
                 "step_ref": lambda: step("reference"),
@@ -189,21 +207,25 @@ def main(argv=None):
             if bnb_step is not None:
                 t["step_bnb"] = lambda: bnb_step(xg, gy)
             ms = {k: _median_ms(fn, args.iters, args.warmup) for k, fn in t.items()}
-            row = [shape, str(m)] + [f"{ms[k]:.3f}ms" if k in ms else "n/a" for k in cols[2:12]]
+            row = [shape, str(m)] + [f"{ms[k]:.3f}ms" if k in ms else "n/a" for k in timed]
             row.append(f"{ms['step_bnb'] / ms['step_fused']:.2f}x" if "step_bnb" in ms else "n/a")
             row.append(f"{ms['step_fused'] / ms['step_bf16']:.2f}x")
+            in_d = ms["fwd_inD"] + ms["dx_inD"] + ms["grads_inD"]
+            row.append(f"{(ms['fwd_denseD'] + ms['dx_denseD'] + ms['grads_denseD']) / in_d:.2f}x")
             flops = 2.0 * m * out_f * in_f
             if args.peak_tflops:
                 peak = args.peak_tflops * 1e12
-                row.append(f"{flops / (ms['fused_fwd'] * 1e-3) / peak:.0%}")
-                bwd_ms = ms["fused_dx"] + ms["fused_grads"]
+                row.append(f"{flops / (ms['fwd_inD'] * 1e-3) / peak:.0%}")
+                bwd_ms = ms["dx_inD"] + ms["grads_inD"]
                 row.append(f"{2 * flops / (bwd_ms * 1e-3) / peak:.0%}")
             if args.peak_gbps:
-                # least traffic of the forward: x and y once, the packed codes and steps once
+                # least traffic of the forward: x and y once, the packed codes, steps and LoRA
+                # factors once (no D: it never leaves registers)
                 act = torch.finfo(dtype).bits // 8
                 nbytes = (m * (in_f + out_f) * act + weight[0].numel() * 4
-                          + 2 * weight[1].numel() * weight[1].element_size())
-                row.append(f"{nbytes / (ms['fused_fwd'] * 1e-3) / (args.peak_gbps * 1e9):.0%}")
+                          + 2 * weight[1].numel() * weight[1].element_size()
+                          + sum(t.numel() * t.element_size() for t in lora_args[:2]))
+                row.append(f"{nbytes / (ms['fwd_inD'] * 1e-3) / (args.peak_gbps * 1e9):.0%}")
             print(" | ".join(f"{c:>11}" for c in row), flush=True)
     if not args.no_wht:
         wht_outside_table(args, dtype)

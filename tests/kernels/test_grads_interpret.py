@@ -38,12 +38,12 @@ from qat import primitives as P  # noqa: E402
 from qat.adapters.lora import LoRAAdapter  # noqa: E402
 from qat.kernels import dispatch, ops  # noqa: E402
 from tests.kernels.helpers import InsideDelta, make_layer  # noqa: E402
+from tests.kernels.helpers import close_within as _close  # noqa: E402
+from tests.kernels.helpers import exact_grads as _exact  # noqa: E402
 
 if not TK.INTERPRETED:
     pytest.skip("qat.kernels.triton_kernels was imported before this module, without "
                 "TRITON_INTERPRET=1: run this file on its own", allow_module_level=True)
-
-U = 2.0**-24
 
 # (bits, symmetric, out, in, group, tokens, block_k): odd token counts and out widths that are
 # not multiples of the 16-row tiles; block_k picks the tiling of a group: several groups per
@@ -74,46 +74,6 @@ def _lora_layer(bits, symmetric, out, inp, group, rank=4, seed=0, dtype=torch.fl
         with torch.no_grad():  # one zero point off the grid: its gradient must be 0
             layer.weight_zero_point[0, 0] = P.qrange(bits)[1] + 3
     return layer
-
-
-def _exact(layer, grad_y, x):
-    """Float64 gradients from the forward's fp32 pieces (see the module docstring), with the
-    elementwise magnitudes the bounds need."""
-    bits, g = layer.spec.bits, layer.group_size
-    qmin, qmax = P.qrange(bits)
-    out, inp = layer.out_features, layer.in_features
-    with torch.no_grad():
-        w = layer.pre_quant_weight()                                  # [out, in] fp32 W0 + D
-        scale, zero = layer._steps()
-        s = scale.float().repeat_interleave(g, 1)                     # [out, in]
-        v = (w.reshape(out, -1, g) / scale.float().unsqueeze(-1)).reshape(out, inp)  # fp32, as P
-        z = torch.zeros_like(v) if zero is None else P.round_zero_point(zero, bits).repeat_interleave(g, 1)
-        inside = ((v + z) >= qmin) & ((v + z) <= qmax)
-        q = P.quantize_codes(w, scale, zero, bits, g).float()
-    v, z, q, s, m = v.double(), z.double(), q.double(), s.double(), inside.double()
-    gy2, x2 = grad_y.reshape(-1, out).double(), x.reshape(-1, inp).double()
-    G, H = gy2.t() @ x2, gy2.abs().t() @ x2.abs()                     # [out, in]
-    lsq = P.lsq_grad_scale(g, bits)
-    c = (q - z) - m * v
-
-    def group_sum(t):
-        return t.reshape(out, -1, g).sum(-1)
-
-    r = dict(scale=lsq * group_sum(G * c), scale_mag=lsq * group_sum(c.abs() * H),
-             delta=G * m, delta_mag=H * m)
-    if zero is not None:
-        on_grid = ((torch.round(zero) >= qmin) & (torch.round(zero) <= qmax)).double()
-        r["zero"] = lsq * on_grid * group_sum(-s * G * (1 - m))
-        r["zero_mag"] = lsq * group_sum(s * H * (1 - m))
-    return r, gy2.shape[0]
-
-
-def _close(got, want, mag, n_terms, out_dtype=torch.float32, name=""):
-    tol = 2 * n_terms * U * mag + 1e-30
-    if out_dtype != torch.float32:
-        tol = tol + want.abs() * torch.finfo(out_dtype).eps  # a 16-bit result's rounding (2x margin)
-    err = (got.double() - want).abs()
-    assert (err <= tol).all(), f"{name}: max err {err.max():.3e}, worst err/tol {(err / tol).max():.2f}"
 
 
 @pytest.mark.parametrize("bits,symmetric,out,inp,group,tokens,block_k", CASES, ids=IDS)
