@@ -386,6 +386,9 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch
 def _(packed, bits, n, dim=1):
     packing._check_bits(bits)
     rows, cols = packed.shape
+    if (rows if dim == 0 else cols) != packing.packed_width(n, bits):  # as the reference
+        raise ValueError(f"packed words {tuple(packed.shape)} do not hold {n} codes of {bits} "
+                         f"bits along dim {dim}: the checkpoint is truncated or the shape is wrong")
     if dim == 0:
         return packed.new_empty((n, cols), dtype=torch.int8)
     return packed.new_empty((rows, n), dtype=torch.int8)

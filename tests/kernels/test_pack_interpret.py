@@ -111,6 +111,24 @@ def test_opcheck(bits, dim):
     assert torch.equal(ops.unpack_int32(words, bits, n, dim), codes)
 
 
+def test_torch_compile_traces_through():
+    """fullgraph torch.compile (aot_eager: the fake impls give the shapes) of pack then unpack;
+    a fake unpack of a truncated row raises, as the reference does."""
+    def f(c):
+        words = torch.ops.qat.pack_int32(c, 5, 1)
+        return torch.ops.qat.unpack_int32(words, 5, c.shape[1], 1), words
+
+    codes = _codes(5, 6, 37, seed=2)
+    back, words = torch.compile(f, backend="aot_eager", fullgraph=True)(codes)
+    assert torch.equal(words, packing.pack_int32(codes, 5)) and torch.equal(back, codes)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    truncated = mode.from_tensor(words[:, :-1].contiguous())
+    with mode, pytest.raises(ValueError, match="truncated"):
+        ops.unpack_int32(truncated, 5, 37)
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the Triton launchers' calls, to show which path dispatch took."""
