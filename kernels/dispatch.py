@@ -15,6 +15,9 @@ the previous mode on exit. The layer-facing entry points take a ``QuantLinear``:
     dense_weight(layer)           -> W_hat (no autograd)
     quant_codes(layer)            -> the integer codes W_hat is built from (what export writes)
 
+and, on tensors, ``pack_int32`` / ``unpack_int32`` (the base's and the export's int32 words,
+``qat.packing``'s layout) and ``fwht`` (the outside WHT adapter's transform).
+
 A plain inside ``LoRAAdapter`` reaches the kernels as its factors A, B and scaling: the kernels
 form D = scaling * B A tile by tile in registers, so no dense D is built in forward or backward.
 That D may round differently from torch's ``(B @ A) * scaling``, so ``quant_codes`` (and through
@@ -35,6 +38,8 @@ from qat import primitives as P
 MODES = ("auto", "triton", "reference")
 _mode = os.environ.get("QAT_KERNELS", "auto")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Integer dtypes the pack kernel reads codes from (qat.packing accepts any integer dtype).
+PACK_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 class use_kernels:
@@ -247,6 +252,54 @@ def quant_codes(layer) -> torch.Tensor:
             return P.quantize_codes(layer.pre_quant_weight(), scale, zero, layer.spec.bits,
                                     layer.group_size)
     return _run("quant_codes", path, *kernel_args(layer))
+
+
+# --------------------------------------------------------------------------- pack / unpack
+def pack_path(t: torch.Tensor) -> str:
+    """"reference" (``qat.packing``), "triton" (kernels/packing_kernels.py, also on CPU under
+    TRITON_INTERPRET) or "op" (qat::pack_int32 / unpack_int32, CUDA): ``kernel_path``'s mode
+    logic for a tensor of codes or words. Integer dtypes the kernels do not read go to the
+    reference, which accepts (or rejects) them as before."""
+    if _mode == "reference" or t.dtype not in PACK_DTYPES:
+        return "reference"
+    if _mode == "triton":
+        return "triton"
+    return "op" if t.is_cuda and triton_available() else "reference"
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """``qat.packing.pack_int32`` through the path of ``pack_path``: codes [rows, n] -> int32
+    [rows, ceil(n*b/32)] (dim=1) or [ceil(rows*b/32), n] (dim=0), the same bits on every path
+    (on CPU in "auto", the reference itself)."""
+    path = pack_path(codes)
+    if path == "triton":
+        from qat.kernels import packing_kernels as PK
+
+        return PK.pack_int32(codes, bits, dim)
+    if path == "op":
+        from qat.kernels import ops
+
+        return ops.pack_int32(codes, bits, dim)
+    from qat import packing
+
+    return packing.pack_int32(codes, bits, dim)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch.Tensor:
+    """``qat.packing.unpack_int32`` through the path of ``pack_path``: int32 words -> int8
+    codes, ``n`` per row (dim=1) or per column (dim=0)."""
+    path = pack_path(packed) if packed.dtype == torch.int32 else "reference"
+    if path == "triton":
+        from qat.kernels import packing_kernels as PK
+
+        return PK.unpack_int32(packed, bits, n, dim)
+    if path == "op":
+        from qat.kernels import ops
+
+        return ops.unpack_int32(packed, bits, n, dim)
+    from qat import packing
+
+    return packing.unpack_int32(packed, bits, n, dim)
 
 
 # --------------------------------------------------------------------------- Walsh-Hadamard transform

@@ -6,6 +6,8 @@
     qat::quant_linear_dx(grad_y, weight args, lora) -> dX = grad_y @ W_hat (grad_y's dtype)
     qat::quant_linear_grads(grad_y, x, weight args, lsq_scale, lora_a, lora_b, lora_scaling,
                             delta_grad) -> (d weight_scale, d weight_zero, d delta, d lora_A, d lora_B)
+    qat::pack_int32(codes, bits, dim=1) -> int32 words                    (qat.packing's layout)
+    qat::unpack_int32(packed, bits, n, dim=1) -> int8 codes
 
 Weight args, in order: ``base_packed`` int32 [out, words], ``base_scale`` [out, G],
 ``base_zero`` [out, G] or None, ``weight_scale`` [out, G] (already in the layer's scale dtype),
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from qat import primitives as P
-from qat.packing import unpack_int32
+from qat import packing
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,7 +65,7 @@ def _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_si
                lora_a=None, lora_b=None, lora_scaling=1.0):
     """W0 + D [out, in] fp32, as ``QuantLinear.pre_quant_weight``: D is ``delta``, else
     (B @ A) * scaling from the LoRA factors (``LoRAAdapter.delta_weight``), else 0."""
-    codes = unpack_int32(base_packed, storage_bits, in_features)
+    codes = packing.unpack_int32(base_packed, storage_bits, in_features)
     w = P.dequantize(codes, base_scale, base_zero, storage_bits, group_size)
     if delta is None and lora_a is not None:
         delta = (lora_b @ lora_a) * lora_scaling
@@ -341,3 +343,63 @@ def _fwht_backward(ctx, grad_z):
 
 
 fwht.register_autograd(_fwht_backward, setup_context=_fwht_setup)
+
+
+# --------------------------------------------------------------------------- pack / unpack
+# The base's int32 words (DESIGN section 3): the reference is qat.packing on every device, the
+# CUDA impl the Triton kernels of kernels/packing_kernels.py, bit for bit the same.
+@torch.library.custom_op("qat::pack_int32", mutates_args=())
+def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """codes [rows, n] (integer) -> int32 [rows, ceil(n*b/32)] (dim=1) or
+    [ceil(rows*b/32), n] (dim=0)."""
+    return packing.pack_int32(codes, bits, dim)
+
+
+@pack_int32.register_fake
+def _(codes, bits, dim=1):
+    packing._check_bits(bits)
+    rows, n = codes.shape
+    if dim == 0:
+        return codes.new_empty((packing.packed_width(rows, bits), n), dtype=torch.int32)
+    return codes.new_empty((rows, packing.packed_width(n, bits)), dtype=torch.int32)
+
+
+@pack_int32.register_kernel("cuda")
+def _(codes, bits, dim=1):
+    from qat.kernels.dispatch import PACK_DTYPES, triton_available
+
+    if triton_available() and codes.dtype in PACK_DTYPES:
+        from qat.kernels import packing_kernels as PK
+
+        return PK.pack_int32(codes, bits, dim)
+    return packing.pack_int32(codes, bits, dim)
+
+
+@torch.library.custom_op("qat::unpack_int32", mutates_args=())
+def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch.Tensor:
+    """int32 words -> int8 codes, ``n`` per row (dim=1: [rows, n]) or per column (dim=0:
+    [n, cols])."""
+    return packing.unpack_int32(packed, bits, n, dim)
+
+
+@unpack_int32.register_fake
+def _(packed, bits, n, dim=1):
+    packing._check_bits(bits)
+    rows, cols = packed.shape
+    if (rows if dim == 0 else cols) != packing.packed_width(n, bits):  # as the reference
+        raise ValueError(f"packed words {tuple(packed.shape)} do not hold {n} codes of {bits} "
+                         f"bits along dim {dim}: the checkpoint is truncated or the shape is wrong")
+    if dim == 0:
+        return packed.new_empty((n, cols), dtype=torch.int8)
+    return packed.new_empty((rows, n), dtype=torch.int8)
+
+
+@unpack_int32.register_kernel("cuda")
+def _(packed, bits, n, dim=1):
+    from qat.kernels.dispatch import triton_available
+
+    if triton_available() and packed.dtype == torch.int32:
+        from qat.kernels import packing_kernels as PK
+
+        return PK.unpack_int32(packed, bits, n, dim)
+    return packing.unpack_int32(packed, bits, n, dim)

@@ -21,8 +21,8 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import nn
 
+from qat.kernels import dispatch
 from qat.model_card import write_model_card
-from qat.packing import pack_int32
 from qat.quant_linear import QuantLinear
 from qat.surgery import linear_layers, quant_layers
 
@@ -115,12 +115,12 @@ def layer_export_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tenso
     codes, scale, zero = layer.export_codes()
     bits = layer.spec.export_bits
     out = {
-        f"{name}.weight_packed": pack_int32(codes, bits),
+        f"{name}.weight_packed": dispatch.pack_int32(codes, bits),  # Triton on CUDA, same bits
         f"{name}.weight_scale": scale.contiguous(),
         f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
     }
     if zero is not None:
-        out[f"{name}.weight_zero_point"] = pack_int32(zero, bits, dim=0)
+        out[f"{name}.weight_zero_point"] = dispatch.pack_int32(zero, bits, dim=0)
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach().contiguous()
     return out

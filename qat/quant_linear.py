@@ -20,7 +20,7 @@ from torch import nn
 from qat import primitives as P
 from qat.config import LayerSpec
 from qat.kernels import dispatch
-from qat.packing import pack_int32, packed_width, unpack_int32
+from qat.packing import packed_width
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -162,7 +162,8 @@ class QuantLinear(nn.Module):
         return layer
 
     def _set_base(self, codes, scale, zero):
-        self.base_packed.copy_(pack_int32(codes, self.spec.storage_bits))
+        # The Triton pack kernel on CUDA (same bits as qat.packing, which CPU keeps using).
+        self.base_packed.copy_(dispatch.pack_int32(codes, self.spec.storage_bits))
         self.base_scale.copy_(scale)
         if self.base_zero_point is not None:
             self.base_zero_point.copy_(zero)
@@ -181,8 +182,9 @@ class QuantLinear(nn.Module):
         return self.spec.bits if same else self.spec.storage_bits
 
     def base_codes(self) -> torch.Tensor:
-        """Frozen base codes [out, in], int8."""
-        return unpack_int32(self.base_packed, self.spec.storage_bits, self.in_features)
+        """Frozen base codes [out, in], int8: unpacked on the reference path's every forward and
+        backward (the Triton unpack kernel on CUDA, ``qat.packing`` on CPU; the same codes)."""
+        return dispatch.unpack_int32(self.base_packed, self.spec.storage_bits, self.in_features)
 
     def base_weight(self) -> torch.Tensor:
         """W0 = s0 * (q0 - z0), [out, in] fp32."""

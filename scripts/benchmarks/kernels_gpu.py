@@ -45,6 +45,16 @@ activations:
        step_lora   an outside LoRA branch of rank r (the same parameter count), forward + backward
        kern GB/s   bytes the transform must move (x read, z written once) per fwht_kern time
 
+A third table (--no-pack skips it; --pack-only runs it alone) times packing the base and the
+export, codes [out, in] int8 <-> int32 words (qat.packing's layout), for --pack-shapes and
+--pack-bits (straddling widths included: 3):
+
+  pack: pack_kern / pack_ref      qat::pack_int32's Triton kernel vs qat.packing.pack_int32
+        unpack_kern / unpack_ref  the same for unpack_int32 (what the reference path runs on
+                                  every forward and backward)
+        GB/s                      codes (1 byte each) + words (4 bytes each) moved once, per time
+  Each case first checks that the kernel's words and codes equal the reference's.
+
 Needs CUDA and triton; ``--help`` works without either.
 """
 
@@ -73,6 +83,12 @@ def parse_args(argv=None):
                    help="the GPU's dense 16-bit matmul peak, for the roofline fraction")
     p.add_argument("--peak-gbps", type=float, default=None, help="the GPU's memory bandwidth, GB/s")
     p.add_argument("--no-wht", action="store_true", help="skip the outside WHT adapter table")
+    p.add_argument("--no-pack", action="store_true", help="skip the pack / unpack table")
+    p.add_argument("--pack-only", action="store_true", help="run only the pack / unpack table")
+    p.add_argument("--pack-shapes", nargs="+", default=["4096x4096", "4096x11008"],
+                   help="code shapes OUTxIN for the pack table (default: %(default)s)")
+    p.add_argument("--pack-bits", nargs="+", type=int, default=[2, 3, 4, 8],
+                   help="code widths for the pack table (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -143,6 +159,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("kernels_gpu.py needs a CUDA device", file=sys.stderr)
         return 2
+    if args.pack_only:
+        pack_table(args)
+        return 0
     from qat import primitives as P
     from qat.kernels import dispatch, ops
     from qat.kernels import triton_kernels as TK
@@ -229,7 +248,48 @@ def main(argv=None):
             print(" | ".join(f"{c:>11}" for c in row), flush=True)
     if not args.no_wht:
         wht_outside_table(args, dtype)
+    if not args.no_pack:
+        pack_table(args)
     return 0
+
+
+def pack_table(args, device="cuda"):
+    """Pack / unpack timings (the "pack:" block of the module docstring)."""
+    import torch
+
+    from qat import packing
+    from qat.kernels import packing_kernels as PK
+
+    cols = ["shape", "bits", "pack_kern", "pack_ref", "pack GB/s", "unpack_kern", "unpack_ref",
+            "unpack GB/s", "pack gain", "unpack gain"]
+    print("\npack / unpack, codes [out, in] int8 <-> int32 words along `in`")
+    print(" | ".join(f"{c:>11}" for c in cols))
+    for shape in args.pack_shapes:
+        out_f, in_f = (int(v) for v in shape.lower().split("x"))
+        for bits in args.pack_bits:
+            half = 1 << (bits - 1)
+            codes = torch.randint(-half, half, (out_f, in_f), dtype=torch.int8, device=device)
+            words = packing.pack_int32(codes, bits)
+            if not (torch.equal(PK.pack_int32(codes, bits), words)
+                    and torch.equal(PK.unpack_int32(words, bits, in_f), codes)):
+                raise AssertionError(f"pack kernels differ from qat.packing at {shape}, {bits} bits")
+            t = {
+                "pack_kern": lambda: PK.pack_int32(codes, bits),
+                "pack_ref": lambda: packing.pack_int32(codes, bits),
+                "unpack_kern": lambda: PK.unpack_int32(words, bits, in_f),
+                "unpack_ref": lambda: packing.unpack_int32(words, bits, in_f),
+            }
+            ms = {k: _median_ms(fn, args.iters, args.warmup) for k, fn in t.items()}
+            nbytes = codes.numel() + 4 * words.numel()   # each code and each word moved once
+
+            def gbps(k):
+                return f"{nbytes / (ms[k] * 1e-3) / 1e9:.0f}"
+
+            row = [shape, str(bits), f"{ms['pack_kern']:.3f}ms", f"{ms['pack_ref']:.3f}ms",
+                   gbps("pack_kern"), f"{ms['unpack_kern']:.3f}ms", f"{ms['unpack_ref']:.3f}ms",
+                   gbps("unpack_kern"), f"{ms['pack_ref'] / ms['pack_kern']:.2f}x",
+                   f"{ms['unpack_ref'] / ms['unpack_kern']:.2f}x"]
+            print(" | ".join(f"{c:>11}" for c in row), flush=True)
 
 
 def wht_outside_table(args, dtype, device="cuda"):
