@@ -72,15 +72,22 @@ def _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_si
     return w if delta is None else w + delta.float()
 
 
+def _quantizer_input(base_packed, base_scale, base_zero, delta, storage_bits, bits_qmin, bits_qmax,
+                     group_size, in_features, lora_a, lora_b, lora_scaling):
+    """(W0 + D [out, in] fp32, the trained grid's ``bits``): what both W_hat and the codes round."""
+    _one_delta(delta, lora_a)
+    w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features,
+                   lora_a, lora_b, lora_scaling)
+    return w, bits_from_range(bits_qmin, bits_qmax)
+
+
 @torch.no_grad()
 def reference_w_hat(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
                     storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype,
                     lora_a=None, lora_b=None, lora_scaling=1.0):
     """W_hat exactly as ``QuantLinear.dense_weight`` computes it, through ``qat.primitives``."""
-    _one_delta(delta, lora_a)
-    w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features,
-                   lora_a, lora_b, lora_scaling)
-    bits = bits_from_range(bits_qmin, bits_qmax)
+    w, bits = _quantizer_input(base_packed, base_scale, base_zero, delta, storage_bits, bits_qmin,
+                               bits_qmax, group_size, in_features, lora_a, lora_b, lora_scaling)
     return P.fake_quantize(w, weight_scale, weight_zero, bits, group_size).to(out_dtype)
 
 
@@ -89,10 +96,8 @@ def reference_codes(base_packed, base_scale, base_zero, weight_scale, weight_zer
                     storage_bits, bits_qmin, bits_qmax, group_size, in_features, out_dtype,
                     lora_a=None, lora_b=None, lora_scaling=1.0):
     """Codes [out, in] int8 exactly as ``QuantLinear.export_codes`` computes them in torch."""
-    _one_delta(delta, lora_a)
-    w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features,
-                   lora_a, lora_b, lora_scaling)
-    bits = bits_from_range(bits_qmin, bits_qmax)
+    w, bits = _quantizer_input(base_packed, base_scale, base_zero, delta, storage_bits, bits_qmin,
+                               bits_qmax, group_size, in_features, lora_a, lora_b, lora_scaling)
     return P.quantize_codes(w, weight_scale, weight_zero, bits, group_size)
 
 

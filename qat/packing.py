@@ -88,7 +88,6 @@ def _unpack_aligned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     The general path above (int64 windows, two gathers) costs 2-9x more, and every QuantLinear
     forward and backward unpacks its whole base (about 1.5 s of a 17 s step of a 100M Llama on CPU).
     """
-    per_word = 32 // bits
     shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)  # [per_word]
     # An arithmetic shift of a negative word fills with ones; the mask keeps only the code's bits.
     u = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [rows, n_words, per_word]

@@ -92,3 +92,19 @@ def close_within(got, want, mag, n_terms, out_dtype=torch.float32, name=""):
         tol = tol + want.abs() * torch.finfo(out_dtype).eps  # a 16-bit result's rounding (2x margin)
     err = (got.double() - want).abs()
     assert (err <= tol).all(), f"{name}: max err {err.max():.3e}, worst err/tol {(err / tol).max():.2f}"
+
+
+def layer_step(layer, x, mode):
+    """One forward + backward of ``layer`` under kernel mode ``mode`` ("triton" / "reference"):
+    (y, dx, {parameter name: grad}). The upstream gradient is a fixed ramp over outputs, so a
+    gradient routed to the wrong output row or column shows up."""
+    from qat.kernels import dispatch
+
+    for p in layer.parameters():
+        p.grad = None
+    x = x.clone().requires_grad_()
+    with dispatch.use_kernels(mode):
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads

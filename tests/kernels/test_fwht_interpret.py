@@ -29,6 +29,7 @@ from qat.adapters.hadamard import factor, small_hadamard  # noqa: E402
 from qat.config import LayerSpec  # noqa: E402
 from qat.kernels import dispatch, ops  # noqa: E402
 from qat.quant_linear import QuantLinear  # noqa: E402
+from tests.kernels.helpers import layer_step  # noqa: E402
 
 if not HK.INTERPRETED:
     pytest.skip("qat.kernels.triton_kernels was imported before this module, without "
@@ -207,15 +208,6 @@ def test_wht_outside_grads_kernel_vs_reference(n, dtype, kernel_calls):
             assert (err <= tol).all(), f"{mode} {name}: worst err/tol {(err / tol).max():.2f}"
 
 
-def _layer_grads(layer, x, mode):
-    for p in layer.parameters():
-        p.grad = None
-    x = x.clone().requires_grad_()
-    with dispatch.use_kernels(mode):
-        y = layer(x)
-        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    grads = {k: p.grad.clone() for k, p in layer.named_parameters() if p.grad is not None}
-    return y.detach(), x.grad, grads
 
 
 def test_quant_linear_outside_wht_end_to_end(kernel_calls):
@@ -229,9 +221,9 @@ def test_quant_linear_outside_wht_end_to_end(kernel_calls):
     layer.adapter = WHTAdapter(96, 40, rank=2, alpha=2.0, placement="outside")
     nn.init.normal_(layer.adapter.values)
     x = torch.randn(2, 7, 96)
-    ref = _layer_grads(layer, x, "reference")
+    ref = layer_step(layer, x, "reference")
     assert not kernel_calls
-    got = _layer_grads(layer, x, "triton")
+    got = layer_step(layer, x, "triton")
     assert kernel_calls == [(14, 96), (14, 96)]                      # z forward, dx backward
     assert set(got[2]) == set(ref[2]) and "adapter.values" in ref[2] and "weight_scale" in ref[2]
     pairs = [("y", got[0], ref[0]), ("dx", got[1], ref[1])]

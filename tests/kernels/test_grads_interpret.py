@@ -37,7 +37,7 @@ from qat.kernels import triton_kernels as TK  # noqa: E402
 from qat import primitives as P  # noqa: E402
 from qat.adapters.lora import LoRAAdapter  # noqa: E402
 from qat.kernels import dispatch, ops  # noqa: E402
-from tests.kernels.helpers import InsideDelta, make_layer  # noqa: E402
+from tests.kernels.helpers import InsideDelta, layer_step, make_layer  # noqa: E402
 from tests.kernels.helpers import close_within as _close  # noqa: E402
 from tests.kernels.helpers import exact_grads as _exact  # noqa: E402
 
@@ -184,15 +184,6 @@ def test_grads_opcheck():
     torch.library.opcheck(op, (gy, x, *sym, 0.1, None, None, 1.0, True), test_utils=tests)
 
 
-def _grads(layer, x, mode):
-    for p in layer.parameters():
-        p.grad = None
-    x = x.clone().requires_grad_()
-    with dispatch.use_kernels(mode):
-        y = layer(x)
-        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    named = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return named, x.grad
 
 
 @pytest.mark.parametrize("adapter", ["lora", "dense", "lora-frozen-steps", "frozen-dense"])
@@ -213,8 +204,8 @@ def test_quant_linear_backward_dispatch(adapter):
             p.requires_grad_(False)
     expected = {"lora": 4, "dense": 3, "lora-frozen-steps": 2, "frozen-dense": 2}[adapter]
     x = torch.randn(2, 7, 96)
-    ref, ref_dx = _grads(layer, x, "reference")
-    got, got_dx = _grads(layer, x, "triton")
+    _, ref_dx, ref = layer_step(layer, x, "reference")
+    _, got_dx, got = layer_step(layer, x, "triton")
     assert set(got) == set(ref) and len(ref) == expected
     for name in ref:
         scale = ref[name].abs().max()
@@ -228,7 +219,7 @@ def test_unsupported_group_falls_back():
     assert TK.grads_block_k(40) == 0 and TK.grads_block_k(48) == 16 and TK.grads_block_k(128) == 64
     layer = make_layer(4, False, group=-1, out=24, inp=40, delta=False)
     x = torch.randn(3, 40)
-    ref, _ = _grads(layer, x, "reference")
-    got, _ = _grads(layer, x, "triton")
+    _, _, ref = layer_step(layer, x, "reference")
+    _, _, got = layer_step(layer, x, "triton")
     for name in ref:
         torch.testing.assert_close(got[name], ref[name])

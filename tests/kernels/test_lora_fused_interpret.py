@@ -40,7 +40,7 @@ from qat.kernels import triton_kernels as TK  # noqa: E402
 from qat import primitives as P  # noqa: E402
 from qat.adapters.lora import LoRAAdapter  # noqa: E402
 from qat.kernels import dispatch, ops  # noqa: E402
-from tests.kernels.helpers import U, close_within, exact_grads, make_layer  # noqa: E402
+from tests.kernels.helpers import U, close_within, exact_grads, layer_step, make_layer  # noqa: E402
 
 if not TK.INTERPRETED:
     pytest.skip("qat.kernels.triton_kernels was imported before this module, without "
@@ -290,16 +290,12 @@ def test_bf16_factors():
 
 # --------------------------------------------------------------------------- (d)
 def _step(layer, x, mode):
-    for p in layer.parameters():
-        p.grad = None
-    x = x.clone().requires_grad_()
+    """layer_step plus what the export writes and W_hat, on the same kernel path."""
+    y, dx, grads = layer_step(layer, x, mode)
     with dispatch.use_kernels(mode):
-        y = layer(x)
-        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
         codes, scale, zero = layer.export_codes()
         w_hat = dispatch.dense_weight(layer)
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return y.detach(), x.grad, grads, (codes, scale, zero), w_hat
+    return y, dx, grads, (codes, scale, zero), w_hat
 
 
 def test_quant_linear_fused_lora_vs_reference(monkeypatch):
