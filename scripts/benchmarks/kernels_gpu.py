@@ -55,12 +55,16 @@ export, codes [out, in] int8 <-> int32 words (qat.packing's layout), for --pack-
         GB/s                      codes (1 byte each) + words (4 bytes each) moved once, per time
   Each case first checks that the kernel's words and codes equal the reference's.
 
-Needs CUDA and triton; ``--help`` works without either.
+Needs CUDA and triton; ``--help`` works without either. ``--device cpu`` runs every table under
+the Triton interpreter (TRITON_INTERPRET=1 must be set before start) with wall-clock timers: the
+figures mean nothing, it checks that the script itself runs (tests/benchmarks does this on tiny
+shapes, so a lent GPU's time is not spent on a script error).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
@@ -89,16 +93,25 @@ def parse_args(argv=None):
                    help="code shapes OUTxIN for the pack table (default: %(default)s)")
     p.add_argument("--pack-bits", nargs="+", type=int, default=[2, 3, 4, 8],
                    help="code widths for the pack table (default: %(default)s)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a smoke run under TRITON_INTERPRET=1 (timings meaningless)")
     return p.parse_args(argv)
 
 
 def _median_ms(fn, iters, warmup):
+    import time
+
     import torch
 
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
+        if not torch.cuda.is_available():  # --device cpu smoke run: wall clock
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -108,7 +121,7 @@ def _median_ms(fn, iters, warmup):
     return statistics.median(times)
 
 
-def _layer(out_f, in_f, args, dtype):
+def _layer(out_f, in_f, args, dtype, dev):
     """A QuantLinear (bf16 steps) over a random base with an inside LoRA of rank --rank."""
     import torch
     from torch import nn
@@ -117,20 +130,20 @@ def _layer(out_f, in_f, args, dtype):
     from qat.config import LayerSpec
     from qat.quant_linear import QuantLinear
 
-    linear = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=dtype)
+    linear = nn.Linear(in_f, out_f, bias=False, device=dev, dtype=dtype)
     with torch.no_grad():
         linear.weight.normal_(0, 0.02)
     spec = LayerSpec(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
                      storage_bits=args.storage_bits, init="rtn")
     layer = QuantLinear.from_linear(linear, spec)
-    lora = LoRAAdapter(in_f, out_f, rank=args.rank, alpha=2 * args.rank, device="cuda")
+    lora = LoRAAdapter(in_f, out_f, rank=args.rank, alpha=2 * args.rank, device=dev)
     with torch.no_grad():
         lora.lora_B.normal_(0, 0.01)
     layer.adapter = lora
     return layer, linear.weight.detach()
 
 
-def _bnb_step(w_dense, lora_a, lora_b, scaling, dtype):
+def _bnb_step(w_dense, lora_a, lora_b, scaling, dtype, dev):
     """A training step of bitsandbytes NF4 + LoRA, or None when bitsandbytes is unusable."""
     try:
         import bitsandbytes as bnb
@@ -139,7 +152,7 @@ def _bnb_step(w_dense, lora_a, lora_b, scaling, dtype):
         out_f, in_f = w_dense.shape
         base = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, quant_type="nf4")
         base.weight = bnb.nn.Params4bit(w_dense.cpu(), requires_grad=False, quant_type="nf4")
-        base = base.cuda()
+        base = base.to(dev)
 
         def step(x, gy):
             y = base(x) + (x @ lora_a.t()) @ lora_b.t() * scaling
@@ -156,19 +169,23 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
 
-    if not torch.cuda.is_available():
-        print("kernels_gpu.py needs a CUDA device", file=sys.stderr)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("kernels_gpu.py needs a CUDA device (--device cpu: an interpreter smoke run)", file=sys.stderr)
+        return 2
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("--device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     if args.pack_only:
-        pack_table(args)
+        pack_table(args, dev)
         return 0
     from qat import primitives as P
     from qat.kernels import dispatch, ops
     from qat.kernels import triton_kernels as TK
 
     dtype = getattr(torch, args.dtype)
-    dev = "cuda"
-    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else "CPU, Triton interpreter (smoke run)"
+    print(f"GPU: {device_name}  torch {torch.__version__}  dtype {args.dtype}  "
           f"bits {args.bits} storage {args.storage_bits or args.bits} group {args.group_size} "
           f"{'asym' if args.asymmetric else 'sym'}  LoRA rank {args.rank}  median of {args.iters}")
     timed = ["fwd_inD", "fwd_denseD", "ref_fwd", "dq+linear", "dx_inD", "dx_denseD", "grads_inD",
@@ -181,7 +198,7 @@ def main(argv=None):
     print(" | ".join(f"{c:>11}" for c in cols))
     for shape in args.shapes:
         out_f, in_f = (int(v) for v in shape.lower().split("x"))
-        layer, w_dense = _layer(out_f, in_f, args, dtype)
+        layer, w_dense = _layer(out_f, in_f, args, dtype, dev)
         lora = layer.adapter
         fused = dispatch.kernel_args(layer)              # weight args (no D) + the LoRA factors
         weight, lora_args = fused[:12], fused[12:]
@@ -195,7 +212,7 @@ def main(argv=None):
         # bf16 / bnb baselines: a frozen dense weight plus a trainable LoRA branch
         a16 = lora.lora_A.detach().to(dtype).clone().requires_grad_()
         b16 = lora.lora_B.detach().to(dtype).clone().requires_grad_()
-        bnb_step = _bnb_step(w_dense, a16, b16, lora.scaling, dtype)
+        bnb_step = _bnb_step(w_dense, a16, b16, lora.scaling, dtype, dev)
         for m in args.tokens:
             x = torch.randn(m, in_f, device=dev, dtype=dtype)
             gy = torch.randn(m, out_f, device=dev, dtype=dtype)
@@ -247,9 +264,9 @@ def main(argv=None):
                 row.append(f"{nbytes / (ms['fwd_inD'] * 1e-3) / (args.peak_gbps * 1e9):.0%}")
             print(" | ".join(f"{c:>11}" for c in row), flush=True)
     if not args.no_wht:
-        wht_outside_table(args, dtype)
+        wht_outside_table(args, dtype, dev)
     if not args.no_pack:
-        pack_table(args)
+        pack_table(args, dev)
     return 0
 
 
