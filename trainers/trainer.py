@@ -7,7 +7,7 @@ report_to, callbacks, resume_from_checkpoint - is the Trainer's own):
   compute_loss        task loss, distillation from a frozen teacher, or their mix; stops on a NaN
   training_step       `optim: zo` replaces backward + optimizer with an SPSA step (seed trick)
   _save / _load_*     checkpoints hold the trainable state and the recipe, not the frozen base
-  save_model          under FSDP2 every rank gathers that state (collectives), one writes it
+  save_model          under FSDP2 / ZeRO-3 every rank gathers that state (collectives), one writes it
 
 FSDP2 (``fsdp_config={"version": 2}``): accelerate shards the model inside ``train()``, after the
 optimizer exists; :class:`ShardedSetup` installs the quantized gradient reduce-scatter and checks the
@@ -200,11 +200,13 @@ class QATTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if not self.is_fsdp_enabled:
+        if not ckpt.is_sharded(self.model):
             return super().save_model(output_dir, _internal_call)
-        # FSDP2: the Trainer would gather the whole model to rank 0 (FULL_STATE_DICT) or save none of
-        # ours (SHARDED_STATE_DICT; accelerate's own shards are written with the optimizer either way).
-        # Every rank gathers the trainable tensors and fingerprints the codes layer by layer; rank 0 writes.
+        # FSDP2 / ZeRO-3: the Trainer would gather the whole model to rank 0 (FSDP FULL_STATE_DICT,
+        # ZeRO-3 with stage3_gather_16bit_weights_on_model_save) or hand _save an empty state dict on
+        # rank 0 alone (ZeRO-3 without), or save none of ours (FSDP SHARDED_STATE_DICT). The engines'
+        # own checkpoints for resuming are written with the optimizer either way. Here every rank
+        # gathers the trainable tensors and fingerprints the codes layer by layer; rank 0 writes.
         contents = ckpt.checkpoint_contents(self.model)
         self._write_checkpoint(output_dir if output_dir is not None else self.args.output_dir, *contents)
 

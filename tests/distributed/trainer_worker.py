@@ -11,6 +11,8 @@ exactly that refusal (see its docstring). Scenarios, in one launch (process star
   (accelerate's fsdp2 default, scripts/accelerate/fsdp2.yaml): losses, first-step gradients, a
   checkpoint at step 3, then a second Trainer (other trainable values) resumed from it;
 - ``int8``: ``quantized_grads: int8`` installed by the Trainer;
+- ``zero3``: ``deepspeed=scripts/accelerate/ds_zero3.json`` (DeepSpeed's CPU accelerator, gloo): losses,
+  codes partitioned as int32, qat checkpoint and DeepSpeed's own at step 3, resume, export;
 - ``job``: ``qat.trainers.run`` (the main job) with FSDP2, written to OUT_DIR/job_fsdp (last: it ends the
   process group, as the job does).
 Rank 0 saves what the tests assert on to OUT_DIR/trainer_results.pt.
@@ -23,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: `tests.` imports
@@ -32,7 +35,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from tests.distributed import recipe as R  # noqa: E402
-from tests.distributed.cpu_accelerate import allow_fsdp_on_cpu  # noqa: E402
+from tests.distributed.cpu_accelerate import allow_deepspeed_on_cpu, allow_fsdp_on_cpu  # noqa: E402
 
 RESUME_AT = 3
 
@@ -110,6 +113,32 @@ def train_int8(out: Path) -> dict:
     return dict(losses=losses_of(trainer), fsdp_groups=len(groups), hooked=hooked)
 
 
+def train_zero3(out: Path) -> dict:
+    import deepspeed.ops
+
+    from qat.trainers.sharded_export import export_sharded
+    from tests.distributed.worker import full_raw_params
+
+    # DeepSpeed's shared-memory all-reduce JIT-compiles on first use (minutes); gloo carries it here.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    config = str(Path(__file__).resolve().parents[2] / "scripts" / "accelerate" / "ds_zero3.json")
+    try:
+        trainer = recipe_trainer(recipe_args(out / "zero3", fsdp=None, fsdp_config=None, deepspeed=config,
+                                             save_strategy="steps", save_steps=RESUME_AT))
+        trainer.train()
+        codes = trainer.model.model.layers[0].self_attn.q_proj.base_packed.ds_tensor
+        result = dict(losses=losses_of(trainer), partition=(str(codes.dtype), codes.numel()))
+        result["export"] = str(export_sharded(trainer.model, out / "export_zero3"))
+        result["raw"] = full_raw_params(trainer.model)
+        resumed = recipe_trainer(recipe_args(out / "resumed_zero3", fsdp=None, fsdp_config=None, deepspeed=config),
+                                 scale=1.5)
+        resumed.train(resume_from_checkpoint=str(out / "zero3" / f"checkpoint-{RESUME_AT}"))
+        result["resumed_losses"] = losses_of(resumed)
+    finally:  # accelerate leaves this set, and TrainingArguments would then build DeepSpeed for the job too
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    return result
+
+
 def run_job(out: Path) -> dict:
     """The main job with FSDP2; in YAML (the command line's syntax) the fsdp_config is a JSON object."""
     from qat.trainers.recipes import build_arguments
@@ -124,11 +153,13 @@ def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     allow_fsdp_on_cpu()
+    allow_deepspeed_on_cpu()
     torch.manual_seed(0)
     results: dict = {}
     for kind in ("FULL_STATE_DICT", "SHARDED_STATE_DICT"):
         results[kind] = train_and_resume(out, kind)
     results["int8"] = train_int8(out)
+    results["zero3"] = train_zero3(out)
     rank = dist.get_rank()
     results["job"] = run_job(out)  # ends the process group
     if rank == 0:
