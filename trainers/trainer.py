@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -110,6 +111,7 @@ class QATTrainer(Trainer):
             from qat.trainers.deepspeed_utils import prepare_for_deepspeed
 
             prepare_for_deepspeed(self.model)
+        self._check_engine_enabled()
         self._check_quantized_grads()
         if self.is_fsdp_enabled:
             self.add_callback(ShardedSetup(args.quantized_grads, args.seed))
@@ -125,6 +127,27 @@ class QATTrainer(Trainer):
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             self.optimizer = cls(groups, **kwargs)
         return self.optimizer
+
+    def _check_engine_enabled(self) -> None:
+        """Refuse, before training, the two ways accelerate silently runs another job than asked.
+
+        accelerate adopts an FSDP request only on the device types it lists (CUDA, XPU, NPU, ...): on
+        CPU processes (``use_cpu``: MULTI_CPU) it drops it and the Trainer trains with DDP, every rank
+        holding the whole model. And where accelerate finds no device backend it counts one process
+        while DeepSpeed has started all of them (DeepSpeed's CPU accelerator without ``use_cpu``).
+        """
+        for asked, name, enabled in ((self.args.fsdp, "fsdp", self.is_fsdp_enabled),
+                                     (self.args.deepspeed, "deepspeed", self.is_deepspeed_enabled)):
+            if asked and not enabled:
+                raise ValueError(
+                    f"{name} was requested but accelerate runs this job as "
+                    f"{self.accelerator.distributed_type.value} (accelerate shards with FSDP only on GPUs and "
+                    f"other accelerators, not on CPU processes): launch on GPUs, or drop {name} to train with DDP")
+        started = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.is_deepspeed_enabled and started != self.accelerator.num_processes:
+            raise ValueError(
+                f"DeepSpeed started {started} processes but accelerate counts {self.accelerator.num_processes} "
+                "(it found no GPU backend): on CPU processes (DS_ACCELERATOR=cpu) set use_cpu: true")
 
     def _check_quantized_grads(self) -> None:
         """quantized_grads is an FSDP2 hook: refuse it at construction on any other engine."""

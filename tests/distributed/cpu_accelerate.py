@@ -15,9 +15,18 @@ Where accelerate 1.15 refuses (read in ``accelerate/state.py``):
 ``__init__`` it does what the skipped branch would have done. Everything downstream - the
 Trainer's FSDP2 path, ``accelerate``'s ``fsdp2_prepare_model`` / ``fully_shard`` on the default
 CPU mesh, its checkpointing - runs unmodified.
+
+DeepSpeed needs no lift: ``AcceleratorState`` adopts the DeepSpeed plugin under
+``elif ACCELERATE_USE_DEEPSPEED == "true" and not cpu``, and the Trainer builds its ``Accelerator``
+without ``cpu=True`` even when ``use_cpu`` is set, so ``use_cpu=True`` + ``deepspeed=...`` with
+``DS_ACCELERATOR=cpu`` runs ZeRO-3 on gloo as released. Without ``use_cpu`` ``PartialState`` finds
+no accelerator, hence no backend, and counts one process ("No backend == no distributed
+training") while ``deepspeed.comm`` has started two: QATTrainer refuses that mismatch.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 
 def allow_fsdp_on_cpu() -> None:
@@ -39,36 +48,18 @@ def allow_fsdp_on_cpu() -> None:
             PartialState._shared_state["distributed_type"] = self.distributed_type
 
     init._qat_cpu_fsdp = True
+    init.unpatched = original
     AcceleratorState.__init__ = init
 
 
-def allow_deepspeed_on_cpu() -> None:
-    """The same for DeepSpeed: ``AcceleratorState.__init__`` adopts the DeepSpeed plugin only under
-    ``elif ACCELERATE_USE_DEEPSPEED == "true" and not cpu`` (state.py). Without ``use_cpu`` the
-    Trainer does reach DeepSpeed (``deepspeed.comm`` starts gloo on DeepSpeed's CPU accelerator),
-    but accelerate's ``PartialState`` found no accelerator, hence no backend, and counts one process
-    ("No backend == no distributed training"): the batch "auto" values then disagree with
-    DeepSpeed's world size of 2. With ``use_cpu=True`` (MULTI_CPU, gloo) this adds the skipped branch.
-    """
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
+@contextlib.contextmanager
+def accelerate_as_shipped():
+    """Within the block accelerate behaves as released (the lift above undone)."""
+    from accelerate.state import AcceleratorState
 
-    original = AcceleratorState.__init__
-    if getattr(original, "_qat_cpu_deepspeed", False):
-        return
-
-    def init(self, *args, deepspeed_plugin=None, **kwargs):
-        original(self, *args, deepspeed_plugin=deepspeed_plugin, **kwargs)
-        if deepspeed_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            # the body of the skipped branch (state.py, "self.distributed_type = DistributedType.DEEPSPEED")
-            self.distributed_type = DistributedType.DEEPSPEED
-            plugins = deepspeed_plugin.values() if isinstance(deepspeed_plugin, dict) else [deepspeed_plugin]
-            for plugin in plugins:
-                plugin.set_mixed_precision(self._mixed_precision)
-            next(iter(plugins)).select(_from_accelerator_state=True)
-            self._mixed_precision = "no"  # DeepSpeed's config owns precision (as accelerate does)
-            self.deepspeed_plugins = deepspeed_plugin
-            PartialState._shared_state["distributed_type"] = self.distributed_type
-
-    init._qat_cpu_deepspeed = True
-    AcceleratorState.__init__ = init
+    patched = AcceleratorState.__init__
+    AcceleratorState.__init__ = getattr(patched, "unpatched", patched)
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = patched

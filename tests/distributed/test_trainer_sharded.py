@@ -198,3 +198,16 @@ def test_job_fsdp2_against_the_one_process_job(folder, single_job):
             assert (fsdp[key].float() - t.float()).abs().max() <= bound, key
         else:
             assert torch.equal(fsdp[key], t), key  # frozen: embeddings, norms, head
+
+
+# ------------------------------------------------------------------ bad input
+def test_fsdp_that_accelerate_drops_is_refused(results):
+    # accelerate as released, on CPU processes (use_cpu: MULTI_CPU), ignores the FSDP plugin and the
+    # Trainer would train with DDP, every rank holding the whole model.
+    assert "fsdp was requested but accelerate runs this job as MULTI_CPU" in results["dropped"]["fsdp"]
+
+
+def test_deepspeed_without_use_cpu_is_refused(results):
+    # Without use_cpu accelerate counts 1 process where DeepSpeed started 2; DeepSpeed itself would
+    # stop later with "train_batch_size is not equal to micro_batch_per_gpu * ... 2 != 2 * 1 * 2".
+    assert "DeepSpeed started 2 processes but accelerate counts 1" in results["dropped"]["deepspeed"]

@@ -11,8 +11,11 @@ exactly that refusal (see its docstring). Scenarios, in one launch (process star
   (accelerate's fsdp2 default, scripts/accelerate/fsdp2.yaml): losses, first-step gradients, a
   checkpoint at step 3, then a second Trainer (other trainable values) resumed from it;
 - ``int8``: ``quantized_grads: int8`` installed by the Trainer;
-- ``zero3``: ``deepspeed=scripts/accelerate/ds_zero3.json`` (DeepSpeed's CPU accelerator, gloo): losses,
+- ``zero3``: ``deepspeed=scripts/accelerate/ds_zero3.json`` (DeepSpeed's CPU accelerator, gloo; no
+  lift needed with ``use_cpu``): losses,
   codes partitioned as int32, qat checkpoint and DeepSpeed's own at step 3, resume, export;
+- ``dropped``: accelerate as released: FSDP2 with ``use_cpu`` (accelerate drops it) and ZeRO-3 without
+  (accelerate counts one process): QATTrainer's errors;
 - ``job``: ``qat.trainers.run`` (the main job) with FSDP2, written to OUT_DIR/job_fsdp (last: it ends the
   process group, as the job does).
 Rank 0 saves what the tests assert on to OUT_DIR/trainer_results.pt.
@@ -35,7 +38,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from tests.distributed import recipe as R  # noqa: E402
-from tests.distributed.cpu_accelerate import allow_deepspeed_on_cpu, allow_fsdp_on_cpu  # noqa: E402
+from tests.distributed.cpu_accelerate import accelerate_as_shipped, allow_fsdp_on_cpu  # noqa: E402
 
 RESUME_AT = 3
 
@@ -139,6 +142,24 @@ def train_zero3(out: Path) -> dict:
     return result
 
 
+def dropped_engines(out: Path) -> dict:
+    """What QATTrainer says when accelerate (unpatched) drops the FSDP / DeepSpeed request on CPU."""
+    config = str(Path(__file__).resolve().parents[2] / "scripts" / "accelerate" / "ds_zero3.json")
+    asks = {"fsdp": {}, "deepspeed": dict(fsdp=None, fsdp_config=None, deepspeed=config, use_cpu=False)}
+    errors = {}
+    try:
+        for name, kw in asks.items():
+            with accelerate_as_shipped():
+                try:
+                    recipe_trainer(recipe_args(out / f"dropped_{name}", **kw))
+                    errors[name] = ""
+                except ValueError as err:
+                    errors[name] = str(err)
+    finally:
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # see train_zero3
+    return errors
+
+
 def run_job(out: Path) -> dict:
     """The main job with FSDP2; in YAML (the command line's syntax) the fsdp_config is a JSON object."""
     from qat.trainers.recipes import build_arguments
@@ -153,13 +174,13 @@ def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     allow_fsdp_on_cpu()
-    allow_deepspeed_on_cpu()
     torch.manual_seed(0)
     results: dict = {}
     for kind in ("FULL_STATE_DICT", "SHARDED_STATE_DICT"):
         results[kind] = train_and_resume(out, kind)
     results["int8"] = train_int8(out)
     results["zero3"] = train_zero3(out)
+    results["dropped"] = dropped_engines(out)
     rank = dist.get_rank()
     results["job"] = run_job(out)  # ends the process group
     if rank == 0:
