@@ -133,16 +133,20 @@ class QATTrainer(Trainer):
 
         accelerate adopts an FSDP request only on the device types it lists (CUDA, XPU, NPU, ...): on
         CPU processes (``use_cpu``: MULTI_CPU) it drops it and the Trainer trains with DDP, every rank
-        holding the whole model. And where accelerate finds no device backend it counts one process
-        while DeepSpeed has started all of them (DeepSpeed's CPU accelerator without ``use_cpu``).
+        holding the whole model; likewise DeepSpeed under ``accelerate launch --cpu``. And where
+        accelerate finds no device backend it counts one process while DeepSpeed has started all of
+        them (DeepSpeed's CPU accelerator without ``use_cpu``).
         """
+        why = {"fsdp": "accelerate adopts FSDP only on GPUs and other accelerators, not on CPU processes: "
+                       "launch on GPUs, or drop fsdp to train with DDP",
+               "deepspeed": "accelerate drops DeepSpeed on a run it was told is CPU-only (accelerate launch "
+                            "--cpu, ACCELERATE_USE_CPU): launch without --cpu (on CPU processes: "
+                            "DS_ACCELERATOR=cpu and use_cpu: true), or drop deepspeed"}
         for asked, name, enabled in ((self.args.fsdp, "fsdp", self.is_fsdp_enabled),
                                      (self.args.deepspeed, "deepspeed", self.is_deepspeed_enabled)):
-            if asked and not enabled:
-                raise ValueError(
-                    f"{name} was requested but accelerate runs this job as "
-                    f"{self.accelerator.distributed_type.value} (accelerate shards with FSDP only on GPUs and "
-                    f"other accelerators, not on CPU processes): launch on GPUs, or drop {name} to train with DDP")
+            if asked and not enabled and not self.is_fsdp_xla_enabled:  # XLA FSDP is not accelerate's
+                raise ValueError(f"{name} was requested but accelerate runs this job as "
+                                 f"{self.accelerator.distributed_type.value}: {why[name]}")
         started = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if self.is_deepspeed_enabled and started != self.accelerator.num_processes:
             raise ValueError(
