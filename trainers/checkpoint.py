@@ -87,7 +87,8 @@ def base_fingerprints(model: nn.Module) -> dict[str, str]:
 
 
 def checkpoint_contents(model: nn.Module, state_dict: dict | None = None) -> tuple[dict, dict]:
-    """(trainable state, base fingerprints). For an FSDP2 model a collective: call it on every rank."""
+    """(trainable state, base fingerprints). For a sharded model (FSDP2 / ZeRO-3) a collective: call
+    it on every rank."""
     return trainable_state(model, state_dict), base_fingerprints(model)
 
 

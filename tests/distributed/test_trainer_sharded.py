@@ -129,8 +129,11 @@ def test_trainer_zero3_checkpoint_and_resume(results, folder):
     a = load_file(str(zero3 / "qat_trainable.safetensors"))
     b = load_file(str(folder / "FULL_STATE_DICT" / "checkpoint-3" / "qat_trainable.safetensors"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    # DeepSpeed's own checkpoint resumes the run: steps 4 and 5 repeat (measured identical).
+    # load_checkpoint into the partitioned ZeRO-3 model sets exactly the saved values, and only them.
     run = results["zero3"]
+    assert all(torch.equal(run["loaded"][k], a[k]) for k in a)
+    assert all(torch.equal(v, run["raw"][k]) for k, v in run["loaded"].items() if k not in a)
+    # DeepSpeed's own checkpoint resumes the run: steps 4 and 5 repeat (measured identical).
     for step in (R.STEPS - 1, R.STEPS):
         assert run["resumed_losses"][step] == pytest.approx(run["losses"][step], abs=1e-6)
 

@@ -119,6 +119,7 @@ def train_int8(out: Path) -> dict:
 def train_zero3(out: Path) -> dict:
     import deepspeed.ops
 
+    from qat.trainers.checkpoint import load_checkpoint
     from qat.trainers.sharded_export import export_sharded
     from tests.distributed.worker import full_raw_params
 
@@ -133,6 +134,10 @@ def train_zero3(out: Path) -> dict:
         result = dict(losses=losses_of(trainer), partition=(str(codes.dtype), codes.numel()))
         result["export"] = str(export_sharded(trainer.model, out / "export_zero3"))
         result["raw"] = full_raw_params(trainer.model)
+        # load_checkpoint into the partitioned model (what _load_best_model does): rank 0's values
+        # re-partitioned by DeepSpeed
+        load_checkpoint(trainer.model, out / "zero3" / f"checkpoint-{RESUME_AT}")
+        result["loaded"] = full_raw_params(trainer.model)
         resumed = recipe_trainer(recipe_args(out / "resumed_zero3", fsdp=None, fsdp_config=None, deepspeed=config),
                                  scale=1.5)
         resumed.train(resume_from_checkpoint=str(out / "zero3" / f"checkpoint-{RESUME_AT}"))
