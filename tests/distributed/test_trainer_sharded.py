@@ -108,6 +108,18 @@ def test_trainer_int8_gradients_stay_in_band(results, reference):
     assert losses[-1] < losses[0] - 0.2
 
 
+def test_trainer_fsdp2_bf16_keeps_codes_packed(results, reference):
+    # bf16: true -> accelerate's MixedPrecisionPolicy (bf16 compute and gradient reduction, fp32
+    # masters of the trainables); the int32 codes are never cast. Losses are computed in bf16,
+    # whose spacing at 4-8 is 2^-5: measured within 0.0078 of the fp32 run, asserted one spacing.
+    run = results["bf16"]
+    assert run["mixed_precision"] == "bf16" and run["codes"] == {"torch.int32"}
+    assert run["trainable"] == {"torch.float32"}
+    losses = _curve(run["losses"])
+    assert max(abs(a - b) for a, b in zip(losses, reference["losses"])) < 2 ** -5
+    assert losses[-1] < losses[0] - 0.2
+
+
 # ------------------------------------------------------------------ DeepSpeed ZeRO-3 through the Trainer
 def test_trainer_zero3_matches_one_process(results, reference):
     # scripts/accelerate/ds_zero3.json with DeepSpeed's CPU accelerator. Same tolerance as FSDP2

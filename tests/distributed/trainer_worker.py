@@ -11,6 +11,7 @@ exactly that refusal (see its docstring). Scenarios, in one launch (process star
   (accelerate's fsdp2 default, scripts/accelerate/fsdp2.yaml): losses, first-step gradients, a
   checkpoint at step 3, then a second Trainer (other trainable values) resumed from it;
 - ``int8``: ``quantized_grads: int8`` installed by the Trainer;
+- ``bf16``: ``bf16: true`` (accelerate's FSDP2 MixedPrecisionPolicy, bf16 compute and reduction);
 - ``zero3``: ``deepspeed=scripts/accelerate/ds_zero3.json`` (DeepSpeed's CPU accelerator, gloo; no
   lift needed with ``use_cpu``): losses,
   codes partitioned as int32, qat checkpoint and DeepSpeed's own at step 3, resume, export;
@@ -116,6 +117,15 @@ def train_int8(out: Path) -> dict:
     return dict(losses=losses_of(trainer), fsdp_groups=len(groups), hooked=hooked)
 
 
+def train_bf16(out: Path) -> dict:
+    trainer = recipe_trainer(recipe_args(out / "bf16", bf16=True))
+    trainer.train()
+    dtypes = {n: str(p.dtype) for n, p in trainer.model.named_parameters()}
+    return dict(losses=losses_of(trainer), mixed_precision=trainer.accelerator.mixed_precision,
+                codes={d for n, d in dtypes.items() if n.endswith("base_packed")},
+                trainable={str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
+
+
 def train_zero3(out: Path) -> dict:
     import deepspeed.ops
 
@@ -184,6 +194,7 @@ def main() -> None:
     for kind in ("FULL_STATE_DICT", "SHARDED_STATE_DICT"):
         results[kind] = train_and_resume(out, kind)
     results["int8"] = train_int8(out)
+    results["bf16"] = train_bf16(out)
     results["zero3"] = train_zero3(out)
     results["dropped"] = dropped_engines(out)
     rank = dist.get_rank()
