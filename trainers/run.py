@@ -6,6 +6,7 @@ export -> verify by reloading -> compare float / post-training / QAT on held-out
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -54,6 +55,25 @@ def load_tokenizer(path: str):
     return tok
 
 
+@contextlib.contextmanager
+def materialized_loading(args: QATArguments):
+    """``from_pretrained`` builds the model inside ``deepspeed.zero.Init`` whenever a ZeRO-3 config is
+    live, and ``QATArguments(deepspeed=...)`` makes it live for the whole process: the float weights
+    would be partitioned at load and ``quantize_model`` would read empty partitions (on CPU the
+    Init even fails on its batch check). qat quantizes the whole model first and lets the engine
+    partition the packed one (``zero3_init_flag: false`` in deepspeed_zero3.yaml says the same)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(args.hf_deepspeed_config)
+
+
 def load_model(path: str, task: str, num_labels: int | None = None, **kwargs):
     import transformers
 
@@ -77,13 +97,15 @@ def reload_export(args, export_dir: Path):
     """The export as a user loads it: transformers (+ PeftModel for an outside adapter)."""
     adapter = adapter_dir_for(export_dir)
     if not outside_adapter(args):
-        return load_model(str(export_dir), args.task).eval()
+        with materialized_loading(args):
+            return load_model(str(export_dir), args.task).eval()
     import transformers
     from peft import PeftModel
 
     # peft wraps nn.Linear modules: decompress the packed base to dense layers first.
-    base = load_model(str(export_dir), args.task,
-                      quantization_config=transformers.CompressedTensorsConfig(run_compressed=False))
+    with materialized_loading(args):
+        base = load_model(str(export_dir), args.task,
+                          quantization_config=transformers.CompressedTensorsConfig(run_compressed=False))
     return PeftModel.from_pretrained(base, str(adapter)).eval()
 
 
@@ -248,7 +270,8 @@ def run(args: QATArguments) -> dict:
     tokenizer = load_tokenizer(args.model_name_or_path)
     train_ds, eval_ds, texts = build_datasets(args, tokenizer)  # bad columns fail before the model loads
     num_labels = len(set(train_ds["labels"])) if args.task == "seq_cls" else None
-    model = load_model(args.model_name_or_path, args.task, num_labels)
+    with materialized_loading(args):
+        model = load_model(args.model_name_or_path, args.task, num_labels)
     teacher = copy.deepcopy(model).eval() if args.distill != "none" else None
     collate = collator(tokenizer, args.task)
 

@@ -7,6 +7,11 @@ report_to, callbacks, resume_from_checkpoint - is the Trainer's own):
   compute_loss        task loss, distillation from a frozen teacher, or their mix; stops on a NaN
   training_step       `optim: zo` replaces backward + optimizer with an SPSA step (seed trick)
   _save / _load_*     checkpoints hold the trainable state and the recipe, not the frozen base
+  save_model          under FSDP2 / ZeRO-3 every rank gathers that state (collectives), one writes it
+
+FSDP2 (``fsdp_config={"version": 2}``): accelerate shards the model inside ``train()``, after the
+optimizer exists; :class:`ShardedSetup` installs the quantized gradient reduce-scatter and checks the
+codes once that happened (``on_train_begin``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -45,6 +51,23 @@ class FakeQuantSchedule(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kw):
         self._set(model, True)  # what is exported is always the quantized model
+
+
+class ShardedSetup(TrainerCallback):
+    """Once accelerate has sharded the model with FSDP2: quantized reduce-scatter, codes still int32.
+
+    Not in ``create_optimizer``: for FSDP2 the Trainer builds the optimizer *before*
+    ``accelerator.prepare`` shards the model (accelerate then swaps in the sharded parameters).
+    """
+
+    def __init__(self, quantized_grads: str | None, seed: int):
+        self.quantized_grads, self.seed = quantized_grads, seed
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        from qat.trainers.fsdp import check_packed_codes, set_quantized_reduce_scatter
+
+        set_quantized_reduce_scatter(model, self.quantized_grads, seed=self.seed)
+        check_packed_codes(model)
 
 
 def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
@@ -88,6 +111,10 @@ class QATTrainer(Trainer):
             from qat.trainers.deepspeed_utils import prepare_for_deepspeed
 
             prepare_for_deepspeed(self.model)
+        self._check_engine_enabled()
+        self._check_quantized_grads()
+        if self.is_fsdp_enabled:
+            self.add_callback(ShardedSetup(args.quantized_grads, args.seed))
         self.add_callback(FakeQuantSchedule(args.fake_quant_start_step))
         self._zo: list[ZOTensor] | None = None
         self._zo_micro = (-1, 0)  # (global step, micro-batch index) for the perturbation seed
@@ -99,20 +126,42 @@ class QATTrainer(Trainer):
             groups = parameter_groups(model, self.args)
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             self.optimizer = cls(groups, **kwargs)
-            self._setup_quantized_grads()
         return self.optimizer
 
-    def _setup_quantized_grads(self) -> None:
-        """FSDP2 builds the model before the optimizer: route its reduce-scatter through int8 / int4."""
+    def _check_engine_enabled(self) -> None:
+        """Refuse, before training, the two ways accelerate silently runs another job than asked.
+
+        accelerate adopts an FSDP request only on the device types it lists (CUDA, XPU, NPU, ...): on
+        CPU processes (``use_cpu``: MULTI_CPU) it drops it and the Trainer trains with DDP, every rank
+        holding the whole model; likewise DeepSpeed under ``accelerate launch --cpu``. And where
+        accelerate finds no device backend it counts one process while DeepSpeed has started all of
+        them (DeepSpeed's CPU accelerator without ``use_cpu``).
+        """
+        why = {"fsdp": "accelerate adopts FSDP only on GPUs and other accelerators, not on CPU processes: "
+                       "launch on GPUs, or drop fsdp to train with DDP",
+               "deepspeed": "accelerate drops DeepSpeed on a run it was told is CPU-only (accelerate launch "
+                            "--cpu, ACCELERATE_USE_CPU): launch without --cpu (on CPU processes: "
+                            "DS_ACCELERATOR=cpu and use_cpu: true), or drop deepspeed"}
+        for asked, name, enabled in ((self.args.fsdp, "fsdp", self.is_fsdp_enabled),
+                                     (self.args.deepspeed, "deepspeed", self.is_deepspeed_enabled)):
+            if asked and not enabled and not self.is_fsdp_xla_enabled:  # XLA FSDP is not accelerate's
+                raise ValueError(f"{name} was requested but accelerate runs this job as "
+                                 f"{self.accelerator.distributed_type.value}: {why[name]}")
+        started = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.is_deepspeed_enabled and started != self.accelerator.num_processes:
+            raise ValueError(
+                f"DeepSpeed started {started} processes but accelerate counts {self.accelerator.num_processes} "
+                "(it found no GPU backend): on CPU processes (DS_ACCELERATOR=cpu) set use_cpu: true")
+
+    def _check_quantized_grads(self) -> None:
+        """quantized_grads is an FSDP2 hook: refuse it at construction on any other engine."""
         if self.args.quantized_grads is None:
             return
-        if not self.is_fsdp_enabled:
-            raise ValueError("quantized_grads needs FSDP2 (accelerate launch --config_file "
-                             "scripts/accelerate/fsdp2.yaml); under DeepSpeed use zero_quantized_gradients")
-        from qat.trainers.fsdp import check_packed_codes, set_quantized_reduce_scatter
-
-        set_quantized_reduce_scatter(self.model, self.args.quantized_grads, seed=self.args.seed)
-        check_packed_codes(self.model)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if not self.is_fsdp_enabled or getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError("quantized_grads needs FSDP2 (fsdp_config version 2, or accelerate launch "
+                             "--config_file scripts/accelerate/fsdp2.yaml); under DeepSpeed use "
+                             "zero_quantized_gradients")
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -177,12 +226,28 @@ class QATTrainer(Trainer):
         return [ZOTensor(p, group_of[id(p)], relative) for _, p, relative in zo_tensors(model, self.args.zo_targets)]
 
     # ------------------------------------------------------------------ checkpoints
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not ckpt.is_sharded(self.model):
+            return super().save_model(output_dir, _internal_call)
+        # FSDP2 / ZeRO-3: the Trainer would gather the whole model to rank 0 (FSDP FULL_STATE_DICT,
+        # ZeRO-3 with stage3_gather_16bit_weights_on_model_save) or hand _save an empty state dict on
+        # rank 0 alone (ZeRO-3 without), or save none of ours (FSDP SHARDED_STATE_DICT). The engines'
+        # own checkpoints for resuming are written with the optimizer either way. Here every rank
+        # gathers the trainable tensors and fingerprints the codes layer by layer; rank 0 writes.
+        contents = ckpt.checkpoint_contents(self.model)
+        self._write_checkpoint(output_dir if output_dir is not None else self.args.output_dir, *contents)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        ckpt.save_checkpoint(model, output_dir, self.recipe, state_dict)
+        self._write_checkpoint(output_dir if output_dir is not None else self.args.output_dir,
+                               *ckpt.checkpoint_contents(model, state_dict))
+
+    def _write_checkpoint(self, output_dir: str, state: dict, bases: dict) -> None:
+        if not self.args.should_save:
+            return
+        ckpt.write_checkpoint(output_dir, state, bases, self.recipe)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, str(Path(output_dir) / "training_args.bin"))

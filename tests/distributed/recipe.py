@@ -77,3 +77,29 @@ def local_first_grads(world: int = 2) -> list[dict]:
         loss_of(model, local_rows(batches(1)[0], rank, world)).backward()
         out.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     return out
+
+
+# ---------------------------------------------------------------------- through the Trainer
+# What `fsdp_config` holds for FSDP2 (scripts/accelerate/fsdp2.yaml in TrainingArguments' spelling).
+FSDP2_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+JOB_STEPS = 4
+
+
+def job_argv(folder, run_name: str, per_device: int) -> list[str]:
+    """The main job (`qat train`) on folder/model and folder/data.txt, written to folder/run_name.
+
+    Without --config the job starts from the default (MiniLM) recipe: task, distill, scheduler
+    and warm-up are overridden here. Sequential sampling: one process with per_device 4 and two
+    with 2 each see the same global batch at every step (accelerate hands consecutive batches to
+    consecutive ranks).
+    """
+    values = {"model_name_or_path": f"{folder}/model", "dataset": f"{folder}/data.txt", "task": "causal_lm",
+              "distill": "none", "warmup_steps": 0, "max_length": 32, "bits": 4, "group_size": 32,
+              "adapter": "lora", "adapter_rank": 4,
+              "learning_rate": LR, "lr_scheduler_type": "constant", "max_steps": JOB_STEPS,
+              "save_steps": JOB_STEPS, "per_device_train_batch_size": per_device,
+              "train_sampling_strategy": "sequential", "eval_strategy": "no", "max_eval_samples": 8,
+              "report_to": "none", "seed": 0, "logging_steps": 1, "disable_tqdm": True,
+              "output_dir": f"{folder}/{run_name}", "run_name": run_name}
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]

@@ -4,7 +4,9 @@
 
 Scenarios: fsdp (FSDP2 without / with int8 / int4 quantized reduce-scatter, sharded export, DCP checkpoint),
 rs (the quantized reduce-scatter on known tensors), deepspeed (ZeRO-3 and ZeRO-2 through
-``deepspeed.initialize``), badworld (a mesh that does not fit the world size).
+``deepspeed.initialize``), badworld (a mesh that does not fit the world size), zero3_job (the main job,
+``qat.trainers.run``, with ``deepspeed: ds_zero3.json`` on OUT_DIR/model and OUT_DIR/data.txt; last,
+since the job ends the process group).
 Rank 0 saves everything the tests assert on to OUT_DIR/results.pt; the tests compare it with a
 single-process reference computed in the pytest process.
 """
@@ -153,6 +155,19 @@ def train_deepspeed(stage: int, out: Path, rank: int, world: int) -> dict:
     return result
 
 
+def run_zero3_job(out: Path) -> dict:
+    """The main job through the Trainer's DeepSpeed path (no accelerate lift needed with use_cpu)."""
+    import deepspeed.ops
+
+    from qat.trainers.recipes import build_arguments
+    from qat.trainers.run import run
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see train_deepspeed
+    config = Path(__file__).resolve().parents[2] / "scripts" / "accelerate" / "ds_zero3.json"
+    argv = R.job_argv(out, "job_zero3", per_device=R.GLOBAL_BATCH // dist.get_world_size())
+    return run(build_arguments(argv + ["--use_cpu", "true", "--deepspeed", str(config)]))
+
+
 def bad_world(world: int) -> str:
     from qat.trainers.fsdp import default_mesh
 
@@ -165,7 +180,7 @@ def bad_world(world: int) -> str:
 
 def main() -> None:
     out = Path(sys.argv[1])
-    scenarios = sys.argv[2:] or ["fsdp", "rs", "deepspeed", "badworld"]
+    scenarios = sys.argv[2:] or ["fsdp", "rs", "deepspeed", "badworld", "zero3_job"]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -178,10 +193,13 @@ def main() -> None:
         results["fsdp"] = {str(q): train_fsdp(q, out, rank, world) for q in (None, "int8", "int4")}
     if "deepspeed" in scenarios:
         results["deepspeed"] = {stage: train_deepspeed(stage, out, rank, world) for stage in (3, 2)}
+    if "zero3_job" in scenarios:
+        results["zero3_job"] = run_zero3_job(out)  # ends the process group, as the job does for users
+    else:
+        dist.barrier()
+        dist.destroy_process_group()
     if rank == 0:
         torch.save(results, out / "results.pt")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
