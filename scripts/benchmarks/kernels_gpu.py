@@ -4,7 +4,10 @@
     python scripts/benchmarks/kernels_gpu.py --tokens 2048 --bits 3 --shapes 4096x4096
     python scripts/benchmarks/kernels_gpu.py --peak-tflops 989 --peak-gbps 3350   # roofline columns
 
-For each weight shape [out x in] and token count it times (median of --iters runs, CUDA events):
+For each weight shape it first checks the kernels against the torch reference at the first token
+count (codes, y, dX, step and LoRA gradients; it stops on a mismatch: the first GPU run is also
+the first compiled-kernel correctness run), then for each token count it times (median of
+--iters runs, CUDA events):
 
   forward (inside LoRA of rank --rank on the quantized layer)
     fwd_inD      qat::quant_linear_fwd through Triton, D = scaling * B A formed per tile in
@@ -164,6 +167,44 @@ def _bnb_step(w_dense, lora_a, lora_b, scaling, dtype, dev):
         return None
 
 
+def check_against_reference(x, gy, fused, weight, lora_args, lsq):
+    """Before timing a shape: the compiled kernels against the torch reference, so the first GPU
+    run is also a correctness run (the CI tests only ever run the kernels in the interpreter).
+    Raises on a mismatch. Tolerances, relative to each tensor's largest entry:
+      codes   only rounding-boundary flips: the in-register D rounds apart from torch's B @ A
+              (docs/KERNELS.md, "Exactness"), at most 1e-4 of the codes
+      y, dX   2e-2: both sides round to the 16-bit activation dtype (2^-8 relative) and sum in
+              different orders; a wrong tile or step is off by O(1)
+      grads   1e-2: the reference gets fp32 copies of grad_y and x, so both sides form
+              G = grad_y^T x in fp32 from the same (exact) products and differ only in summation
+              order, ~T u relative (3e-5 at 512 tokens); a wrong group sum or mask is off by O(1)
+    Returns a one-line summary."""
+    import torch
+    import torch.nn.functional as F
+
+    from qat.kernels import ops
+    from qat.kernels import triton_kernels as TK
+
+    def rel(a, b):
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+    codes_k, codes_r = TK.quant_codes(*fused), ops.reference_codes(*fused)
+    flipped = (codes_k != codes_r).sum().item()
+    w_ref = ops.reference_w_hat(*fused).to(x.dtype)
+    errs = {"y": rel(TK.quant_linear_fwd(x, *fused), F.linear(x, w_ref)),
+            "dX": rel(TK.quant_linear_dx(gy, *fused), gy @ w_ref)}
+    got = TK.quant_linear_grads(gy, x, *weight, lsq, *lora_args, False)
+    want = ops.reference_grads(gy.float(), x.float(), *weight, lsq, *lora_args, False)
+    for name, i in (("d step", 0), ("dA", 3), ("dB", 4)):
+        errs[name] = rel(got[i], want[i])
+    bad = [k for k, e in errs.items() if e > (2e-2 if k in ("y", "dX") else 1e-2)]
+    if flipped > 1e-4 * codes_r.numel() or bad:
+        raise SystemExit(f"kernel check failed: {flipped} of {codes_r.numel()} codes differ; "
+                         f"relative errors {errs}")
+    return (f"check: {flipped} of {codes_r.numel()} codes differ; "
+            + ", ".join(f"{k} {e:.1e}" for k, e in errs.items()))
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -217,6 +258,8 @@ def main(argv=None):
             x = torch.randn(m, in_f, device=dev, dtype=dtype)
             gy = torch.randn(m, out_f, device=dev, dtype=dtype)
             xg = x.clone().requires_grad_()
+            if m == args.tokens[0]:
+                print(f"{shape}: " + check_against_reference(x, gy, fused, weight, lora_args, lsq), flush=True)
 
             def step(mode):
                 with dispatch.use_kernels(mode):

@@ -30,7 +30,9 @@ def _rows(stdout: str, first_cell: str) -> list[list[str]]:
 def test_every_table_runs_on_the_interpreter():
     done = _run()
     assert done.returncode == 0, done.stderr[-3000:]
-    main, wht, pack = _rows(done.stdout, "48x64")[0], _rows(done.stdout, "48x64")[1], _rows(done.stdout, "8x40")[0]
+    assert "48x64: check: 0 of 3072 codes differ" in done.stdout   # kernels vs reference first
+    main, wht = [r for r in _rows(done.stdout, "48x64") if len(r) > 1]
+    pack = _rows(done.stdout, "8x40")[0]
     assert len(main) == 18 and main[1] == "16"
     assert all(c.endswith("ms") for c in main[2:15]), main   # every timed row ran (bnb NF4 works on CPU)
     assert all(c.endswith("x") for c in main[15:]), main     # vs bnb, vs bf16, inD gain
