@@ -28,11 +28,13 @@ come from the same in-kernel D as training's W_hat; on the reference path nothin
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
 import torch.nn.functional as F
 
+from qat import packing
 from qat import primitives as P
 
 MODES = ("auto", "triton", "reference")
@@ -108,20 +110,26 @@ def supported(layer, act: torch.Tensor | None = None) -> bool:
     return layer.scale_dtype in _FLOATS and all(t is None or t.dtype in _FLOATS for t in tensors)
 
 
-def kernel_path(layer, act) -> str:
-    if _mode == "reference" or not supported(layer, act):
+def _path(applies: bool, t: torch.Tensor) -> str:
+    """The mode logic every entry point shares: "reference" when the mode says so or the kernel
+    does not apply; "triton" (the launcher, also on CPU under TRITON_INTERPRET) when forced;
+    in "auto", "op" (the torch.library op) for CUDA tensors with triton, else "reference"."""
+    if _mode == "reference" or not applies:
         return "reference"
     if _mode == "triton":
         return "triton"
-    return "op" if act.is_cuda and triton_available() else "reference"
+    return "op" if t.is_cuda and triton_available() else "reference"
 
 
-def _run(name: str, path: str, *args):
-    """Call the Triton launcher (path "triton") or the torch.library op (path "op") ``name``."""
+def kernel_path(layer, act) -> str:
+    return _path(supported(layer, act), act)
+
+
+def _run(name: str, path: str, *args, module: str = "triton_kernels"):
+    """Call the Triton launcher ``name`` of ``qat.kernels.<module>`` (path "triton") or the
+    torch.library op ``qat::name`` (path "op")."""
     if path == "triton":
-        from qat.kernels import triton_kernels as TK
-
-        return getattr(TK, name)(*args)
+        return getattr(importlib.import_module(f"qat.kernels.{module}"), name)(*args)
     import qat.kernels.ops  # noqa: F401  (registers the ops)
 
     return getattr(torch.ops.qat, name)(*args)
@@ -260,11 +268,7 @@ def pack_path(t: torch.Tensor) -> str:
     TRITON_INTERPRET) or "op" (qat::pack_int32 / unpack_int32, CUDA): ``kernel_path``'s mode
     logic for a tensor of codes or words. Integer dtypes the kernels do not read go to the
     reference, which accepts (or rejects) them as before."""
-    if _mode == "reference" or t.dtype not in PACK_DTYPES:
-        return "reference"
-    if _mode == "triton":
-        return "triton"
-    return "op" if t.is_cuda and triton_available() else "reference"
+    return _path(t.dtype in PACK_DTYPES, t)
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
@@ -272,34 +276,18 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     [rows, ceil(n*b/32)] (dim=1) or [ceil(rows*b/32), n] (dim=0), the same bits on every path
     (on CPU in "auto", the reference itself)."""
     path = pack_path(codes)
-    if path == "triton":
-        from qat.kernels import packing_kernels as PK
-
-        return PK.pack_int32(codes, bits, dim)
-    if path == "op":
-        from qat.kernels import ops
-
-        return ops.pack_int32(codes, bits, dim)
-    from qat import packing
-
-    return packing.pack_int32(codes, bits, dim)
+    if path == "reference":
+        return packing.pack_int32(codes, bits, dim)
+    return _run("pack_int32", path, codes, bits, dim, module="packing_kernels")
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch.Tensor:
     """``qat.packing.unpack_int32`` through the path of ``pack_path``: int32 words -> int8
     codes, ``n`` per row (dim=1) or per column (dim=0)."""
     path = pack_path(packed) if packed.dtype == torch.int32 else "reference"
-    if path == "triton":
-        from qat.kernels import packing_kernels as PK
-
-        return PK.unpack_int32(packed, bits, n, dim)
-    if path == "op":
-        from qat.kernels import ops
-
-        return ops.unpack_int32(packed, bits, n, dim)
-    from qat import packing
-
-    return packing.unpack_int32(packed, bits, n, dim)
+    if path == "reference":
+        return packing.unpack_int32(packed, bits, n, dim)
+    return _run("unpack_int32", path, packed, bits, n, dim, module="packing_kernels")
 
 
 # --------------------------------------------------------------------------- Walsh-Hadamard transform
@@ -330,11 +318,7 @@ def fwht_path(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> str:
     """"reference", "triton" (the launcher, also on CPU under TRITON_INTERPRET) or "op"
     (qat::fwht, CUDA): the same mode logic as ``kernel_path``."""
     dtypes_ok = x.dtype in _FLOATS and (out_dtype is None or out_dtype in _FLOATS)
-    if _mode == "reference" or not dtypes_ok or fwht_tile(x.shape[-1]) is None:
-        return "reference"
-    if _mode == "triton":
-        return "triton"
-    return "op" if x.is_cuda and triton_available() else "reference"
+    return _path(dtypes_ok and fwht_tile(x.shape[-1]) is not None, x)
 
 
 class _TritonFWHT(torch.autograd.Function):
