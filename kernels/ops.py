@@ -56,7 +56,8 @@ def bits_from_range(qmin: int, qmax: int) -> float:
     return bits
 
 
-def _one_delta(delta, lora_a):
+def check_one_delta(delta, lora_a):
+    """The weight ops take an inside LoRA's update once: as ``delta`` or as its factors."""
     if delta is not None and lora_a is not None:
         raise ValueError("pass the inside adapter's update once: a dense delta or the LoRA factors")
 
@@ -75,7 +76,7 @@ def _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_si
 def _quantizer_input(base_packed, base_scale, base_zero, delta, storage_bits, bits_qmin, bits_qmax,
                      group_size, in_features, lora_a, lora_b, lora_scaling):
     """(W0 + D [out, in] fp32, the trained grid's ``bits``): what both W_hat and the codes round."""
-    _one_delta(delta, lora_a)
+    check_one_delta(delta, lora_a)
     w = _pre_quant(base_packed, base_scale, base_zero, delta, storage_bits, group_size, in_features,
                    lora_a, lora_b, lora_scaling)
     return w, bits_from_range(bits_qmin, bits_qmax)

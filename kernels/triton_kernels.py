@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qat.kernels.ops import check_one_delta
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 # triton.jit picks the interpreter when it decorates, i.e. at this module's import.
@@ -480,9 +482,16 @@ def _weight_args(base_packed, base_scale, base_zero, weight_scale, weight_zero, 
     return n, ptrs, scalars, const
 
 
-def _one_delta(delta, lora_a):
-    if delta is not None and lora_a is not None:
-        raise ValueError("pass the inside adapter's update once: a dense delta or the LoRA factors")
+def _weight_only(kernel, result_dtype, weight, block_n, block_k):
+    """Launch a one-tile-per-program kernel over the weight alone ([out, in] ``result_dtype``)."""
+    check_one_delta(weight[5], weight[12])
+    n, ptrs, scalars, const = _weight_args(*weight)
+    in_features = weight[10]
+    out = torch.empty(n, in_features, dtype=result_dtype, device=weight[0].device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
+    kernel[grid](out, *ptrs, n, in_features, *scalars, **const, INTERP=_interp(),
+                 BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
 
 
 def dequant_fakequant(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
@@ -490,15 +499,9 @@ def dequant_fakequant(base_packed, base_scale, base_zero, weight_scale, weight_z
                       lora_a=None, lora_b=None, lora_scaling=1.0,
                       block_n: int = 32, block_k: int = 64):
     """W_hat [out, in] in ``out_dtype``; D from ``delta`` or from the LoRA factors."""
-    _one_delta(delta, lora_a)
-    n, ptrs, scalars, const = _weight_args(base_packed, base_scale, base_zero, weight_scale, weight_zero,
-                                           delta, storage_bits, bits_qmin, bits_qmax, group_size,
-                                           in_features, out_dtype, lora_a, lora_b, lora_scaling)
-    out = torch.empty(n, in_features, dtype=out_dtype, device=base_packed.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
-    _dequant_kernel[grid](out, *ptrs, n, in_features, *scalars, **const, INTERP=_interp(),
-                          BLOCK_N=block_n, BLOCK_K=block_k)
-    return out
+    weight = (base_packed, base_scale, base_zero, weight_scale, weight_zero, delta, storage_bits,
+              bits_qmin, bits_qmax, group_size, in_features, out_dtype, lora_a, lora_b, lora_scaling)
+    return _weight_only(_dequant_kernel, out_dtype, weight, block_n, block_k)
 
 
 def quant_codes(base_packed, base_scale, base_zero, weight_scale, weight_zero, delta,
@@ -506,15 +509,9 @@ def quant_codes(base_packed, base_scale, base_zero, weight_scale, weight_zero, d
                 lora_a=None, lora_b=None, lora_scaling=1.0,
                 block_n: int = 32, block_k: int = 64):
     """The codes [out, in] int8 the kernels' W_hat is built from (what export writes)."""
-    _one_delta(delta, lora_a)
-    n, ptrs, scalars, const = _weight_args(base_packed, base_scale, base_zero, weight_scale, weight_zero,
-                                           delta, storage_bits, bits_qmin, bits_qmax, group_size,
-                                           in_features, out_dtype, lora_a, lora_b, lora_scaling)
-    out = torch.empty(n, in_features, dtype=torch.int8, device=base_packed.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
-    _codes_kernel[grid](out, *ptrs, n, in_features, *scalars, **const, INTERP=_interp(),
-                        BLOCK_N=block_n, BLOCK_K=block_k)
-    return out
+    weight = (base_packed, base_scale, base_zero, weight_scale, weight_zero, delta, storage_bits,
+              bits_qmin, bits_qmax, group_size, in_features, out_dtype, lora_a, lora_b, lora_scaling)
+    return _weight_only(_codes_kernel, torch.int8, weight, block_n, block_k)
 
 
 def lora_delta(lora_a, lora_b, lora_scaling, block_n: int = 32, block_k: int = 64):
@@ -551,7 +548,7 @@ def quant_linear_fwd(x, base_packed, base_scale, base_zero, weight_scale, weight
                      block_m: int = 64, block_n: int = 64, block_k: int = 64):
     if x.dtype not in _TL_DTYPES:
         raise ValueError(f"triton kernels take fp32/fp16/bf16 activations, got {x.dtype}")
-    _one_delta(delta, lora_a)
+    check_one_delta(delta, lora_a)
     n, ptrs, scalars, const = _weight_args(base_packed, base_scale, base_zero, weight_scale, weight_zero,
                                            delta, storage_bits, bits_qmin, bits_qmax, group_size,
                                            in_features, out_dtype, lora_a, lora_b, lora_scaling)
@@ -571,7 +568,7 @@ def quant_linear_dx(grad_y, base_packed, base_scale, base_zero, weight_scale, we
                     block_m: int = 64, block_n: int = 64, block_k: int = 64):
     if grad_y.dtype not in _TL_DTYPES:
         raise ValueError(f"triton kernels take fp32/fp16/bf16 gradients, got {grad_y.dtype}")
-    _one_delta(delta, lora_a)
+    check_one_delta(delta, lora_a)
     n, ptrs, scalars, const = _weight_args(base_packed, base_scale, base_zero, weight_scale, weight_zero,
                                            delta, storage_bits, bits_qmin, bits_qmax, group_size,
                                            in_features, out_dtype, lora_a, lora_b, lora_scaling)
