@@ -101,11 +101,6 @@ def write_checkpoint(folder: str | Path, state: dict, bases: dict, recipe: dict)
     (folder / META_FILE).write_text(json.dumps({"recipe": recipe, "bases": bases}, indent=2, default=str))
 
 
-def save_checkpoint(model: nn.Module, folder: str | Path, recipe: dict, state_dict: dict | None = None) -> None:
-    """One process (or DDP rank 0) holding the whole model: gather and write in one call."""
-    write_checkpoint(folder, *checkpoint_contents(model, state_dict), recipe)
-
-
 def is_qat_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / TRAINABLE_FILE).is_file()
 
