@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from qat.adapters.init import INITS, check_init_placement, collect_inputs, initialise
-from qat.adapters.lora import PLACEMENTS, LoRAAdapter
+from qat.adapter import PLACEMENTS
+from qat.adapters.lora import LoRAAdapter
 from qat.adapters.peft_format import detached_outside, export_with_peft, save_peft
 from qat.adapters.wht import WHTAdapter
 from qat.quant_linear import QuantLinear
@@ -145,7 +146,7 @@ def merge(model: nn.Module) -> int:
             raise ValueError(f"{name}: an outside adapter does not fold exactly into the quantized base; "
                              "save it with save_adapters instead")
         codes, scale, zero = layer.export_codes()
-        layer._set_base(codes, scale.float(), None if zero is None else zero.float())
+        layer.set_base(codes, scale.float(), None if zero is None else zero.float())
         layer.adapter = None
         count += 1
     return count

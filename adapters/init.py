@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qat import primitives as P
-from qat.adapters.hadamard import fwht
+from qat.hadamard import fwht
 from qat.adapters.lora import LoRAAdapter
 from qat.adapters.wht import WHTAdapter
 
@@ -81,14 +81,14 @@ def layer_quant(layer, w: torch.Tensor) -> torch.Tensor:
     """Q(w): what the layer computes if its base stored ``w`` (base grid, then the layer's steps)."""
     w0 = P.dequantize(base_codes_for(layer, w), layer.base_scale, layer.base_zero_point,
                       layer.base_grid_bits, layer.group_size)
-    scale, zero = layer._steps()
+    scale, zero = layer.fake_quant_steps()
     return P.fake_quantize(w0, scale.float(), zero, layer.spec.bits, layer.group_size).float()
 
 
 @torch.no_grad()
 def quantized_weight(layer) -> torch.Tensor:
     """Q [out, in] fp32: the layer's own quantized weight, adapter excluded."""
-    scale, zero = layer._steps()
+    scale, zero = layer.fake_quant_steps()
     return P.fake_quantize(layer.base_weight(), scale.float(), zero, layer.spec.bits, layer.group_size).float()
 
 
@@ -133,7 +133,7 @@ def init_lora_loftq(layer, adapter: LoRAAdapter, W, iters=5, X=None, ridge=1e-2)
     B, A, codes = loftq(layer, W, adapter.rank, iters, X, ridge)
     adapter.lora_B.copy_(B / adapter.scaling)
     adapter.lora_A.copy_(A)
-    layer._set_base(codes, layer.base_scale, layer.base_zero_point)
+    layer.set_base(codes, layer.base_scale, layer.base_zero_point)
 
 
 # ----------------------------------------------------------------------------- WHT (QWHA)
@@ -238,7 +238,7 @@ def inside_loss_and_grad(layer, W: torch.Tensor, D: torch.Tensor, G: torch.Tenso
     (what fake_quantize's autograd gives), so dL/dD = -2 mask * (M G) / norm: one [out, in] x [in, in]
     GEMM, no autograd graph through the quantizer. All tensors [out, in] in G's dtype.
     """
-    scale, zero = layer._steps()
+    scale, zero = layer.fake_quant_steps()
     w = layer.base_weight().to(G.dtype) + D
     w_hat = P.fake_quantize(w, scale.to(G.dtype), zero, layer.spec.bits, layer.group_size)
     qmin, qmax = P.qrange(layer.spec.bits)

@@ -14,13 +14,8 @@ import math
 import torch
 from torch import nn
 
-PLACEMENTS = ("inside", "outside")
+from qat.adapter import LowRankFactors, check_placement
 
-
-def check_placement(placement: str) -> str:
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown adapter placement {placement!r}: use one of {PLACEMENTS}")
-    return placement
 
 
 def check_rank(rank: int, in_features: int, out_features: int, name: str = "layer") -> int:
@@ -57,6 +52,13 @@ class LoRAAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """D = (alpha / r) B A, [out, in]."""
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def low_rank_factors(self) -> LowRankFactors | None:
+        """(A, B, scaling) for the fused kernels (qat.adapter's optional method): D is exactly
+        (B @ A) * scaling. None for a subclass that computes D some other way."""
+        if type(self).delta_weight is not LoRAAdapter.delta_weight:
+            return None
+        return LowRankFactors(self.lora_A, self.lora_B, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] without building D: two thin matmuls through rank r."""

@@ -27,8 +27,8 @@ import warnings
 import torch
 from torch import nn
 
-from qat.adapters.hadamard import factor, fwht
-from qat.adapters.lora import check_placement
+from qat.hadamard import factor, fwht
+from qat.adapter import check_placement
 from qat.kernels import dispatch
 
 

@@ -1,19 +1,23 @@
 """qat.kernels: fused Triton kernels for QuantLinear, behind ``torch.library`` ops.
 
-    ops             qat::dequant_fakequant / quant_codes / quant_linear_fwd / quant_linear_dx /
-                    quant_linear_grads (reference on every device, Triton on CUDA, fake impls
-                    for torch.compile; a plain inside LoRA goes in as its factors A, B),
-                    qat::fwht (the outside WHT adapter's transform z = scale * x H^T), and
-                    qat::pack_int32 / unpack_int32 (qat.packing's int32 words)
-    triton_kernels  the kernels themselves (imports triton: import lazily)
-    hadamard_kernels  the one-pass Walsh-Hadamard transform kernel (imports triton: lazily)
-    packing_kernels   the pack / unpack kernels (imports triton: lazily)
-    dispatch        use_kernels("auto" | "triton" | "reference") and the layer-facing calls
-                    (quant_linear, quant_linear_backward, dense_weight, fwht,
-                    quant_codes: the codes export writes, from the forward's own path) and
-                    pack_int32 / unpack_int32 (QuantLinear's base, export's words)
+    dispatch          use_kernels("auto" | "triton" | "reference") (a context variable) and the
+                      layer-facing calls: quant_linear, quant_linear_backward, fake_quant_weight,
+                      quant_codes (the codes export writes, from the forward's own path),
+                      pack_int32 / unpack_int32 (QuantLinear's base, export's words) and fwht
+    args              WeightArgs: the typed record of a layer's weight for every kernel, and the
+                      one place it is flattened into / rebuilt from the ops' flat arguments
+    support           what the kernels accept (dtypes, tiles), decided without importing triton
+    ops               qat::dequant_fakequant / quant_codes / quant_linear_fwd / quant_linear_dx /
+                      quant_linear_grads / fwht / pack_int32 / unpack_int32 (reference on every
+                      device, Triton on CUDA, fake impls for torch.compile) and their references
+    triton_common     triton helpers every kernel module shares (dtypes, rounding, interpreter)
+    triton_tiles      the W_hat tile helpers (dequant + D + fake-quant) and their launch arguments
+    triton_kernels    W_hat, codes, forward and dX kernels and their launchers
+    triton_grads      the step / zero-point / adapter gradient kernel and its launcher
+    hadamard_kernels  the one-pass Walsh-Hadamard transform kernel
+    packing_kernels   the pack / unpack kernels
 
+Modules named triton_* / *_kernels import triton: ``ops.launcher`` imports them on first use.
+Imports flow one way: dispatch -> ops -> args, support -> qat.primitives / packing / hadamard.
 docs/KERNELS.md says what is built and which GPU figures are still missing.
-
-Nothing here imports triton at package import.
 """

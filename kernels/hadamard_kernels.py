@@ -1,12 +1,12 @@
 """Triton kernel: the Walsh-Hadamard transform of activation rows in one pass through memory.
 
     z = scale * x H_n^T     (or scale * x H_n with transpose=True)     x, z [T, n]
-    H_n = kron(H_K, Syl_P),  n = K * P,  P = 2^m                       (qat.adapters.hadamard)
+    H_n = kron(H_K, Syl_P),  n = K * P,  P = 2^m                       (qat.hadamard)
 
 Each program loads a [BLOCK_T, K_PAD, P] tile of rows (row index t, column k * P + p; K_PAD is K
 rounded up to a power of two, the padding masked to zero), transforms it in registers and
 stores it once, so the [T, n] activation is read once and written once. The torch reference
-(``qat.adapters.hadamard.fwht``) runs as several GEMMs with a transpose between them, each
+(``qat.hadamard.fwht``) runs as several GEMMs with a transpose between them, each
 writing a [T, n] intermediate.
 
     Sylvester factor (axis p)   m = log2 P constant-geometry butterfly stages: each pairs
@@ -27,7 +27,7 @@ been measured (docs/KERNELS.md).
 
 Accumulation is fp32 whatever the input dtype (fp32, fp16, bf16); the optional scale is
 applied once before the store, in the output dtype's rounding. Import lazily, after setting
-TRITON_INTERPRET for CPU tests (as ``qat.kernels.triton_kernels``).
+TRITON_INTERPRET for CPU tests (as ``qat.kernels.triton_common``).
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
-from qat.adapters.hadamard import small_hadamard
-from qat.kernels.dispatch import fwht_tile
-from qat.kernels.triton_kernels import _TL_DTYPES, INTERPRETED, _cast
+from qat.hadamard import small_hadamard
+from qat.kernels.support import fwht_tile
+from qat.kernels.triton_common import INTERPRETED, TL_DTYPES, cast
 
 # Target elements of one program's tile (BLOCK_T * K_PAD * P fp32 values held in registers;
-# one row may exceed it, up to dispatch.FWHT_MAX_ROW): with the launcher's warp count, 32 values
+# one row may exceed it, up to support.FWHT_MAX_ROW): with the launcher's warp count, 32 values
 # a thread. Untuned (no GPU has run this yet).
 TILE_ELEMS = 8192
 
@@ -83,7 +83,7 @@ def _fwht_kernel(
     v = tl.reshape(v, (BLOCK_T, K_PAD, P))
     if HAS_SCALE:
         v = v * scale
-    tl.store(z_ptr + rows * stride_z + cols, _cast(v, OUT_DTYPE, INTERP), mask=mask)
+    tl.store(z_ptr + rows * stride_z + cols, cast(v, OUT_DTYPE, INTERP), mask=mask)
 
 
 @lru_cache(maxsize=None)
@@ -106,17 +106,17 @@ def block_rows(t: int, k_pad: int, p: int, k: int) -> int:
     return rows
 
 
-def fwht(x: torch.Tensor, transpose: bool = False, scale: float = 1.0, out_dtype=None,
-         block_t: int | None = None) -> torch.Tensor:
+def launch_fwht(x: torch.Tensor, transpose: bool = False, scale: float = 1.0, out_dtype=None,
+                block_t: int | None = None) -> torch.Tensor:
     """x [..., n] -> scale * x H_n^T (transpose False) or scale * x H_n, [..., n] in
     ``out_dtype`` (default x's). The semantics of ``qat::fwht``; n must pass ``fwht_tile``."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if x.dtype not in _TL_DTYPES or out_dtype not in _TL_DTYPES:
+    if x.dtype not in TL_DTYPES or out_dtype not in TL_DTYPES:
         raise ValueError(f"the fwht kernel takes fp32/fp16/bf16, got {x.dtype} -> {out_dtype}")
     n = x.shape[-1]
     tile = fwht_tile(n)
     if tile is None:
-        raise ValueError(f"width {n} has no fwht kernel tile: use qat.adapters.hadamard.fwht")
+        raise ValueError(f"width {n} has no fwht kernel tile: use qat.hadamard.fwht")
     k, k_pad, p = tile
     x2 = x.reshape(-1, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -131,5 +131,5 @@ def fwht(x: torch.Tensor, transpose: bool = False, scale: float = 1.0, out_dtype
     _fwht_kernel[(triton.cdiv(t, bt),)](
         x2, z, hk, t, x2.stride(0), z.stride(0), float(scale),
         K=k, K_PAD=k_pad, P=p, LOG_P=p.bit_length() - 1, HAS_SCALE=scale != 1.0,
-        OUT_DTYPE=_TL_DTYPES[out_dtype], INTERP=INTERPRETED, BLOCK_T=bt, num_warps=warps)
+        OUT_DTYPE=TL_DTYPES[out_dtype], INTERP=INTERPRETED, BLOCK_T=bt, num_warps=warps)
     return z.reshape(x.shape)

@@ -30,17 +30,12 @@ the transposed view without a copy. Import lazily, after setting TRITON_INTERPRE
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from qat.kernels.dispatch import PACK_DTYPES  # integer codes the pack kernel reads
-from qat.packing import _check_bits, packed_width
-
-# triton.jit picks the interpreter when it decorates, i.e. at this module's import.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from qat.kernels.support import PACK_DTYPES  # integer codes the pack kernel reads
+from qat.packing import check_bits, packed_width
 # Lanes (words x codes per word) per row of a tile: with BLOCK_R rows, 8 x 512 int64 lanes,
 # about 32 int64 registers per thread at 4 warps. A guess: untuned, no GPU was lent.
 _LANES_PER_ROW = 512
@@ -112,12 +107,12 @@ def _tile(per: int, block_r: int, block_w: int | None) -> tuple[int, int]:
     return block_r, block_w or max(1, _LANES_PER_ROW // per)
 
 
-def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1,
-               block_r: int = 8, block_w: int | None = None) -> torch.Tensor:
+def launch_pack_int32(codes: torch.Tensor, bits: int, dim: int = 1,
+                      block_r: int = 8, block_w: int | None = None) -> torch.Tensor:
     """``qat.packing.pack_int32`` on the GPU (or the interpreter): codes [rows, n], any integer
     dtype of ``PACK_DTYPES`` -> int32 [rows, ceil(n*b/32)] (dim=1) or [ceil(rows*b/32), n]
     (dim=0), contiguous, bit for bit as the reference."""
-    _check_bits(bits)
+    check_bits(bits)
     if codes.dim() != 2:
         raise ValueError(f"pack_int32 takes a 2-D tensor, got shape {tuple(codes.shape)}")
     if codes.dtype not in PACK_DTYPES:
@@ -136,11 +131,11 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1,
     return out
 
 
-def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1,
-                 block_r: int = 8, block_w: int | None = None) -> torch.Tensor:
+def launch_unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1,
+                        block_r: int = 8, block_w: int | None = None) -> torch.Tensor:
     """``qat.packing.unpack_int32`` on the GPU (or the interpreter): int32 words -> int8 codes,
     ``n`` per row (dim=1, [rows, n]) or per column (dim=0, [n, cols]), contiguous."""
-    _check_bits(bits)
+    check_bits(bits)
     if packed.dtype != torch.int32:
         raise ValueError(f"packed codes must be int32, got {packed.dtype}")
     src = packed.t() if dim == 0 else packed          # [R, words] view

@@ -22,7 +22,7 @@ def packed_width(n: int, bits: int) -> int:
     return math.ceil(n * bits / 32)
 
 
-def _check_bits(bits: int) -> None:
+def check_bits(bits: int) -> None:
     if not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"packing takes integer widths 1..8, got {bits!r}")
 
@@ -32,7 +32,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
 
     ``dim=1`` packs along the rows (weights); ``dim=0`` along the columns (zero points).
     """
-    _check_bits(bits)
+    check_bits(bits)
     if codes.dim() != 2:
         raise ValueError(f"pack_int32 takes a 2-D tensor, got shape {tuple(codes.shape)}")
     if dim == 0:
@@ -58,7 +58,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
 
 def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch.Tensor:
     """Inverse of :func:`pack_int32`: int32 words -> signed int8 codes with ``n`` per row."""
-    _check_bits(bits)
+    check_bits(bits)
     if packed.dtype != torch.int32:
         raise ValueError(f"packed codes must be int32, got {packed.dtype}")
     if dim == 0:

@@ -8,8 +8,9 @@
 gradients. Export writes ``clamp(round((W0 + D)/s) + z)`` and ``s`` (see :meth:`export_codes`),
 so the exported model computes exactly what this layer computed.
 
-Adapters (``qat.adapters``) plug into ``self.adapter``: a module with ``placement`` ("inside" or
-"outside"), ``delta_weight() -> [out, in]`` and ``forward(x) -> [..., out]``.
+Adapters plug into ``self.adapter``: any module following ``qat.adapter.Adapter`` (``placement``
+"inside" or "outside", ``delta_weight() -> [out, in]``, ``forward(x) -> [..., out]``, optionally
+``low_rank_factors()`` for the fused kernels); ``qat.adapters`` ships LoRA and WHT.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from qat import primitives as P
+from qat.adapter import inside_adapter
 from qat.config import LayerSpec
 from qat.kernels import dispatch
 from qat.packing import packed_width
@@ -37,9 +39,12 @@ class _RecomputedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer, *trainables):
+        # The path is chosen once, here, under the kernel mode the forward ran in: the backward
+        # takes the same one even when it runs outside that ``use_kernels`` block.
+        path = dispatch.kernel_path(layer, x)
         with torch.no_grad():
-            y = dispatch.quant_linear(x, layer)  # fused Triton on CUDA, else x @ dense_weight()^T
-        ctx.layer = layer
+            y = dispatch.quant_linear(x, layer, path)  # fused Triton on CUDA, else x @ W_hat^T
+        ctx.layer, ctx.path = layer, path
         ctx.save_for_backward(x, *trainables)
         return y
 
@@ -48,14 +53,14 @@ class _RecomputedLinear(torch.autograd.Function):
         x, *_ = ctx.saved_tensors
         layer = ctx.layer
         trainables = layer.trainable_tensors()  # the live leaves W_hat is rebuilt from
-        if dispatch.kernel_path(layer, grad_y) != "reference":
+        if ctx.path != "reference":
             # Fused Triton on CUDA: dX, and the step / zero-point / adapter gradient reductions,
             # each rebuilding W_hat tiles from the codes; no dense [out, in] W_hat or G.
-            grad_x, grads = dispatch.quant_linear_backward(grad_y, x, layer, trainables,
+            grad_x, grads = dispatch.quant_linear_backward(grad_y, x, layer, trainables, ctx.path,
                                                            need_dx=ctx.needs_input_grad[0])
             return (grad_x, None, *grads)
         with torch.enable_grad():
-            w_hat = layer.dense_weight()  # rebuilt once, used for dX and the step grads
+            w_hat = layer.fake_quant_weight()  # rebuilt once, used for dX and the step grads
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ w_hat.detach().to(grad_y.dtype)
@@ -122,13 +127,13 @@ class QuantLinear(nn.Module):
         grid = layer.base_grid_bits
         base_scale, base_zero = P.init_steps(w, grid, g, spec.symmetric, spec.init)
         codes = P.quantize_codes(w, base_scale, base_zero, grid, g)
-        layer._set_base(codes, base_scale, base_zero)
+        layer.set_base(codes, base_scale, base_zero)
         if grid == spec.bits:
             # Same grid: the steps start at the base's, so W_hat == W0 before training.
             scale, zero = base_scale, base_zero
         else:
             scale, zero = P.init_steps(layer.base_weight(), spec.bits, g, spec.symmetric, spec.init)
-        layer._set_steps(scale, zero)
+        layer.set_steps(scale, zero)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach().to(layer.bias.dtype))
         return layer
@@ -155,20 +160,20 @@ class QuantLinear(nn.Module):
                 f"{name}: weight_scale has shape {tuple(scale.shape)}, expected {expected} for group size "
                 f"{layer.group_size}: the checkpoint's scales do not match its config"
             )
-        layer._set_base(codes, scale.float(), zero_point)
-        layer._set_steps(scale.float(), zero_point)
+        layer.set_base(codes, scale.float(), zero_point)
+        layer.set_steps(scale.float(), zero_point)
         if bias is not None:
             layer.bias.copy_(bias.to(layer.bias.dtype))
         return layer
 
-    def _set_base(self, codes, scale, zero):
+    def set_base(self, codes, scale, zero):
         # The Triton pack kernel on CUDA (same bits as qat.packing, which CPU keeps using).
         self.base_packed.copy_(dispatch.pack_int32(codes, self.spec.storage_bits))
         self.base_scale.copy_(scale)
         if self.base_zero_point is not None:
             self.base_zero_point.copy_(zero)
 
-    def _set_steps(self, scale, zero):
+    def set_steps(self, scale, zero):
         self.weight_scale.data.copy_(scale)
         if self.weight_zero_point is not None:
             self.weight_zero_point.data.copy_(zero)
@@ -191,23 +196,22 @@ class QuantLinear(nn.Module):
         return P.dequantize(self.base_codes(), self.base_scale, self.base_zero_point,
                             self.base_grid_bits, self.group_size)
 
-    def _steps(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fake_quant_steps(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Cast (autograd-transparent) to the saved dtype so training sees the exported step.
         return self.weight_scale.to(self.scale_dtype), self.weight_zero_point
 
     def pre_quant_weight(self) -> torch.Tensor:
         """W0 (+ D for an inside adapter), [out, in] fp32: what the fake quantizer rounds."""
         w = self.base_weight()
-        if self.adapter is not None and self.adapter.placement == "inside":
-            w = w + self.adapter.delta_weight().float()
-        return w
+        adapter = inside_adapter(self)
+        return w if adapter is None else w + adapter.delta_weight().float()
 
-    def dense_weight(self) -> torch.Tensor:
+    def fake_quant_weight(self) -> torch.Tensor:
         """W_hat [out, in] in scale_dtype, differentiable w.r.t. steps and inside adapters."""
         w = self.pre_quant_weight()
         if not self.fake_quant_enabled:
             return w.to(self.scale_dtype)
-        scale, zero = self._steps()
+        scale, zero = self.fake_quant_steps()
         lsq = P.lsq_grad_scale(self.group_size, self.spec.bits)
         return P.fake_quantize(w, scale, zero, self.spec.bits, self.group_size, lsq_scale=lsq)
 
@@ -222,7 +226,7 @@ class QuantLinear(nn.Module):
         """
         if not self.fake_quant_enabled:
             raise RuntimeError("fake quantization is off for this layer: turn it on before exporting")
-        scale, zero = self._steps()
+        scale, zero = self.fake_quant_steps()
         codes = dispatch.quant_codes(self)
         zero_int = None if zero is None else P.round_zero_point(zero, self.spec.bits).to(torch.int8)
         return codes, scale.detach().clone(), zero_int
@@ -230,8 +234,9 @@ class QuantLinear(nn.Module):
     def trainable_tensors(self) -> list[torch.Tensor]:
         """Tensors W_hat depends on that receive gradients through the recomputed backward."""
         tensors = [self.weight_scale, self.weight_zero_point]
-        if self.adapter is not None and self.adapter.placement == "inside":
-            tensors += list(self.adapter.parameters())
+        adapter = inside_adapter(self)
+        if adapter is not None:
+            tensors += list(adapter.parameters())
         return [t for t in tensors if t is not None and t.requires_grad]
 
     # ----------------------------------------------------------------- forward
@@ -249,11 +254,13 @@ class QuantLinear(nn.Module):
         return y
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A float ``nn.Linear`` holding W_hat (the merged, quantized weight), for comparison."""
+    def to_fake_quant_linear(self) -> nn.Linear:
+        """A float ``nn.Linear`` holding W_hat (the merged, quantized weight), for comparison.
+        Not torchao's ``to_linear`` (which returns the original float weight): the float weight
+        before quantization is not kept here, only the packed base."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            dtype=self.scale_dtype, device=self.base_packed.device)
-        linear.weight.copy_(dispatch.dense_weight(self))  # the forward's W_hat, on its path
+        linear.weight.copy_(dispatch.fake_quant_weight(self))  # the forward's W_hat, on its path
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear

@@ -56,7 +56,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
             layer.weight_zero_point.requires_grad_(config.learn_zero_point)
         w = module.weight.detach().float()
         w = w.t() if _is_conv1d(module) else w
-        layer.quant_error = float((layer.dense_weight().float() - w).norm() / w.norm().clamp_min(1e-12))
+        layer.quant_error = float((layer.fake_quant_weight().float() - w).norm() / w.norm().clamp_min(1e-12))
         _set_submodule(model, name, layer)
     model.qat_config = config
     return model

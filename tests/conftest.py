@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `python -m pytest` puts the repo root first on sys.path (the `tests.` imports need it there),
+# where its folder kernels/ (installed as qat.kernels) would shadow the PyPI package `kernels`
+# that transformers >= 5 imports. Keep the root, but after the installed packages.
+_ROOT = Path(__file__).resolve().parents[1]
+_on_root = [p for p in sys.path if Path(p or ".").resolve() == _ROOT]
+sys.path[:] = [p for p in sys.path if p not in _on_root] + _on_root
 # Triton kernels run on the CPU under the interpreter. Triton reads this when it is first
 # imported, and compressed-tensors (imported by many tests) imports triton, so it must be set
 # here, before any test module loads. On a CUDA machine the real compiler is used.

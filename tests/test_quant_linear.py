@@ -31,7 +31,7 @@ def make_layer(bits=4, storage_bits=None, symmetric=True, group=16, seed=0, dtyp
 def test_same_grid_starts_at_base(bits, symmetric):
     """storage_bits == bits: the steps start at the base's, so W_hat == W0 exactly."""
     _, layer = make_layer(bits, None, symmetric)
-    assert torch.equal(layer.dense_weight(), layer.base_weight())
+    assert torch.equal(layer.fake_quant_weight(), layer.base_weight())
 
 
 def test_storage8_base_is_near_lossless():
@@ -106,7 +106,7 @@ def test_export_codes_are_the_forward():
     _, layer = make_layer(2, 8, False)
     layer.adapter = DenseDelta(12, 32, "inside")
     codes, scale, zero = layer.export_codes()
-    torch.testing.assert_close(P.dequantize(codes, scale, zero.float(), 2, 16), layer.dense_weight(), rtol=0, atol=0)
+    torch.testing.assert_close(P.dequantize(codes, scale, zero.float(), 2, 16), layer.fake_quant_weight(), rtol=0, atol=0)
     layer.weight_zero_point.data += 0.3  # still rounds to the same zero point
     assert torch.equal(layer.export_codes()[2], zero)
 

@@ -78,7 +78,7 @@ def build(linear: nn.Linear, spec: LayerSpec, kind: str, rank: int, name: str, p
 @torch.no_grad()
 def output_error(layer: QuantLinear, W: torch.Tensor, X: torch.Tensor) -> float:
     if layer.adapter.placement == "inside":
-        W_eff = layer.dense_weight().float()                  # Q(W0 + D): the adapter rounds with the weight
+        W_eff = layer.fake_quant_weight().float()                  # Q(W0 + D): the adapter rounds with the weight
     else:
         W_eff = quantized_weight(layer) + layer.adapter.delta_weight().float()
     return ((X @ (W - W_eff).T).norm() / (X @ W.T).norm()).item()

@@ -367,7 +367,7 @@ def wht_outside_table(args, dtype, device="cuda"):
     for shape in args.shapes:
         out_f, in_f = (int(v) for v in shape.lower().split("x"))
         if dispatch.fwht_tile(in_f) is None:
-            print(f"{shape:>11} | in = {in_f} has no Hadamard kernel width (qat.adapters.hadamard.factor)")
+            print(f"{shape:>11} | in = {in_f} has no Hadamard kernel width (qat.hadamard.factor)")
             continue
         wht = WHTAdapter(in_f, out_f, rank=args.rank, placement="outside", device=device)
         lora = LoRAAdapter(in_f, out_f, rank=args.rank, placement="outside", device=device)

@@ -239,7 +239,7 @@ def rebuild_seconds(model) -> dict:
     unpack = time.perf_counter() - start
     start = time.perf_counter()
     for layer in layers:
-        layer.dense_weight()
+        layer.fake_quant_weight()
     return {"unpack_seconds": unpack, "rebuild_seconds": time.perf_counter() - start}
 
 

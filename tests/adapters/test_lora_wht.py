@@ -6,7 +6,7 @@ from torch import nn
 
 from qat import primitives as P
 from qat.adapters import LoRAAdapter, WHTAdapter
-from qat.adapters.hadamard import hadamard_matrix
+from qat.hadamard import hadamard_matrix
 from qat.config import LayerSpec
 from qat.quant_linear import QuantLinear
 
@@ -29,7 +29,7 @@ def test_lora_inside_merged_equals_unmerged():
         y_ref = x @ w.T + layer.bias
     # Same codes and steps; only the matmul order differs (fp32, |y| ~ 1): 1e-5.
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(w, layer.dense_weight(), atol=0, rtol=0)
+    torch.testing.assert_close(w, layer.fake_quant_weight(), atol=0, rtol=0)
 
 
 def test_adapter_changes_output():
@@ -132,9 +132,9 @@ def test_merge_exact_asymmetric_wide_storage(kind):
         nn.init.normal_(p, std=0.1)
     with torch.no_grad():
         layer.weight_scale.mul_(1.1)  # steps moved away from the base's, as after training
-        w = layer.dense_weight().clone()
+        w = layer.fake_quant_weight().clone()
         assert merge(nn.Sequential(layer)) == 1
-        assert layer.adapter is None and torch.equal(layer.dense_weight(), w)
+        assert layer.adapter is None and torch.equal(layer.fake_quant_weight(), w)
 
 
 def test_wht_set_support_sorts_row_major():

@@ -32,7 +32,8 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: `tests.` imports
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repo root, for `tests.` imports;
+# last, so its kernels/ folder cannot shadow the PyPI package `kernels` transformers imports
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

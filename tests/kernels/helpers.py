@@ -60,7 +60,7 @@ def exact_grads(layer, grad_y, x, w=None):
     out, inp = layer.out_features, layer.in_features
     with torch.no_grad():
         w = layer.pre_quant_weight() if w is None else w              # [out, in] fp32 W0 + D
-        scale, zero = layer._steps()
+        scale, zero = layer.fake_quant_steps()
         s = scale.float().repeat_interleave(g, 1)                     # [out, in]
         v = (w.reshape(out, -1, g) / scale.float().unsqueeze(-1)).reshape(out, inp)  # fp32, as P
         z = torch.zeros_like(v) if zero is None else P.round_zero_point(zero, bits).repeat_interleave(g, 1)

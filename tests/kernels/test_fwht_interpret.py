@@ -23,15 +23,16 @@ from torch import nn
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (see test_triton_interpret)
 pytest.importorskip("triton", reason="triton is not installed (pip install 'qat[triton]')")
 from qat.kernels import hadamard_kernels as HK  # noqa: E402
+from qat.kernels import triton_common  # noqa: E402
 
 from qat.adapters import WHTAdapter  # noqa: E402
-from qat.adapters.hadamard import factor, small_hadamard  # noqa: E402
+from qat.hadamard import factor, small_hadamard  # noqa: E402
 from qat.config import LayerSpec  # noqa: E402
-from qat.kernels import dispatch, ops  # noqa: E402
+from qat.kernels import dispatch, ops, support  # noqa: E402
 from qat.quant_linear import QuantLinear  # noqa: E402
 from tests.kernels.helpers import layer_step  # noqa: E402
 
-if not HK.INTERPRETED:
+if not triton_common.INTERPRETED:
     pytest.skip("qat.kernels.triton_kernels was imported before this module, without "
                 "TRITON_INTERPRET=1: run this file on its own", allow_module_level=True)
 
@@ -40,7 +41,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _dense_h(n: int) -> torch.Tensor:
-    """H_n [n, n] float64 = kron(H_K, Syl_P), independent of qat.adapters.hadamard's transform."""
+    """H_n [n, n] float64 = kron(H_K, Syl_P), independent of qat.hadamard's transform."""
     k, p = factor(n)
     syl = torch.ones(1, 1, dtype=torch.float64)
     while syl.shape[0] < p:
@@ -79,9 +80,9 @@ def test_fwht_kernel_vs_float64(n, dtype):
     g = torch.Generator().manual_seed(n)
     for rows, transpose in ((1, False), (5, True), (13, False), (13, True)):
         x = torch.randn(rows, n, generator=g).to(dtype)
-        _check(HK.fwht(x, transpose), x, n, transpose, 1.0, dtype)
+        _check(HK.launch_fwht(x, transpose), x, n, transpose, 1.0, dtype)
     x = torch.randn(2, 3, n, generator=g).to(dtype)
-    _check(HK.fwht(x, True, scale=0.37, out_dtype=torch.float32), x, n, True, 0.37, torch.float32)
+    _check(HK.launch_fwht(x, True, scale=0.37, out_dtype=torch.float32), x, n, True, 0.37, torch.float32)
 
 
 def test_fwht_kernel_strided_rows_and_dtypes():
@@ -90,20 +91,20 @@ def test_fwht_kernel_strided_rows_and_dtypes():
     g = torch.Generator().manual_seed(0)
     wide = torch.randn(7, 200, generator=g)
     x = wide[:, 8:104]                                                # [7, 96], row stride 200
-    _check(HK.fwht(x, False, block_t=2), x, 96, False, 1.0, torch.float32)
+    _check(HK.launch_fwht(x, False, block_t=2), x, 96, False, 1.0, torch.float32)
     xb = torch.randn(9, 64, generator=g).to(torch.bfloat16)
-    _check(HK.fwht(xb, False, 2.0, torch.float32), xb, 64, False, 2.0, torch.float32)
+    _check(HK.launch_fwht(xb, False, 2.0, torch.float32), xb, 64, False, 2.0, torch.float32)
     xf = torch.randn(9, 160, generator=g)
-    _check(HK.fwht(xf, True, 0.5, torch.bfloat16), xf, 160, True, 0.5, torch.bfloat16)
-    assert HK.fwht(torch.empty(0, 64), False).shape == (0, 64)
+    _check(HK.launch_fwht(xf, True, 0.5, torch.bfloat16), xf, 160, True, 0.5, torch.bfloat16)
+    assert HK.launch_fwht(torch.empty(0, 64), False).shape == (0, 64)
 
 
 def test_fwht_tile_and_paths():
-    assert dispatch.fwht_tile(96) == (12, 16, 8) and dispatch.fwht_tile(4096) == (1, 1, 4096)
-    assert dispatch.fwht_tile(100) is None            # no Hadamard width: the reference raises
-    assert dispatch.fwht_tile(60 * 256) == (60, 64, 256)
-    assert dispatch.fwht_tile(108 * 128) is None      # K_PAD 128 > FWHT_MAX_K_PAD
-    assert dispatch.fwht_tile(32768) is None          # P = 32768 > FWHT_MAX_ROW
+    assert support.fwht_tile(96) == (12, 16, 8) and support.fwht_tile(4096) == (1, 1, 4096)
+    assert support.fwht_tile(100) is None            # no Hadamard width: the reference raises
+    assert support.fwht_tile(60 * 256) == (60, 64, 256)
+    assert support.fwht_tile(108 * 128) is None      # K_PAD 128 > FWHT_MAX_K_PAD
+    assert support.fwht_tile(32768) is None          # P = 32768 > FWHT_MAX_ROW
     with dispatch.use_kernels("triton"):              # such widths take the reference path
         assert dispatch.fwht_path(torch.randn(1, 108 * 128)) == "reference"
     x = torch.randn(3, 64)
@@ -126,9 +127,9 @@ def test_fwht_opcheck_and_autograd():
     torch.library.opcheck(op, (x.detach().to(torch.bfloat16), True, 1.0, torch.float32))
     torch.library.opcheck(op, (x.detach(), True))                       # the defaults
     x64 = torch.randn(3, 24, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: ops.fwht(t, False, 0.25, None), (x64,))
+    assert torch.autograd.gradcheck(lambda t: ops.fwht_op(t, False, 0.25, None), (x64,))
     # the CPU impl is the torch reference itself
-    z = ops.fwht(x.detach(), True, 0.5, torch.bfloat16)
+    z = ops.fwht_op(x.detach(), True, 0.5, torch.bfloat16)
     assert torch.equal(z, ops.reference_fwht(x.detach(), True, 0.5, torch.bfloat16))
 
 
@@ -136,13 +137,13 @@ def test_fwht_opcheck_and_autograd():
 def kernel_calls(monkeypatch):
     """Counts calls of the Triton launcher, to show the "triton" path really runs the kernel."""
     calls = []
-    launcher = HK.fwht
+    launcher = HK.launch_fwht
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
         return launcher(*args, **kwargs)
 
-    monkeypatch.setattr(HK, "fwht", counted)
+    monkeypatch.setattr(HK, "launch_fwht", counted)
     return calls
 
 
@@ -167,7 +168,7 @@ def test_wht_outside_grads_kernel_vs_reference(n, dtype, kernel_calls):
     (s + L + 2) u c' sum_i (|dy| |S|)_i (s = most nonzeros in a column); d values = (dy^T z) at
     the support adds (T + 2) u |dy|^T |z| + L u |dy|^T (c' sum|x|). 16-bit x and y add half an
     ulp (bf16 outputs: |y| eps)."""
-    from qat.adapters.hadamard import block_plan
+    from qat.hadamard import block_plan
 
     torch.manual_seed(n)
     out_f, tokens = 24, 11

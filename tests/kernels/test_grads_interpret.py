@@ -32,16 +32,18 @@ import torch
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (see test_triton_interpret)
 pytest.importorskip("triton", reason="triton is not installed (pip install 'qat[triton]')")
+from qat.kernels import triton_grads as TG  # noqa: E402
 from qat.kernels import triton_kernels as TK  # noqa: E402
 
 from qat import primitives as P  # noqa: E402
 from qat.adapters.lora import LoRAAdapter  # noqa: E402
-from qat.kernels import dispatch, ops  # noqa: E402
+from qat.kernels import dispatch, ops, triton_common  # noqa: E402
+from qat.kernels.support import grads_block_k  # noqa: E402
 from tests.kernels.helpers import InsideDelta, layer_step, make_layer  # noqa: E402
 from tests.kernels.helpers import close_within as _close  # noqa: E402
 from tests.kernels.helpers import exact_grads as _exact  # noqa: E402
 
-if not TK.INTERPRETED:
+if not triton_common.INTERPRETED:
     pytest.skip("qat.kernels.triton_kernels was imported before this module, without "
                 "TRITON_INTERPRET=1: run this file on its own", allow_module_level=True)
 
@@ -85,13 +87,13 @@ def test_grads_vs_float64(bits, symmetric, out, inp, group, tokens, block_k):
     x = torch.randn(tokens, inp, generator=g)
     gy = torch.randn(tokens, out, generator=g)
     exact, t = _exact(layer, gy, x)
-    args = dispatch.weight_args(layer)
+    args = dispatch.weight_args(layer, factors=False)
     lsq = P.lsq_grad_scale(layer.group_size, bits)
     blocks = dict(block_m=16, block_n=16, block_k=block_k)
     n_group = t + group + 4
     # the same delta as a generic inside adapter: the kernel writes dD [out, in]
-    got = TK.quant_linear_grads(gy, x, *args, lsq, None, None, 1.0, True, **blocks)
-    ref = ops.reference_grads(gy, x, *args, lsq, None, None, 1.0, True)
+    got = TG.launch_quant_linear_grads(gy, x, args, lsq, True, **blocks)
+    ref = ops.reference_grads(gy, x, args, lsq, True)
     for name, k in (("scale", 0), ("zero", 1), ("delta", 2)):
         if name not in exact:
             assert got[k].numel() == 0 and ref[k].numel() == 0
@@ -104,8 +106,8 @@ def test_grads_vs_float64(bits, symmetric, out, inp, group, tokens, block_k):
         assert got[1][0, 0] == 0 and ref[1][0, 0] == 0  # the off-grid zero point
     # LoRA: dA and dB reduced in the kernel, no dD written
     A, B, sc = lora.lora_A.detach(), lora.lora_B.detach(), lora.scaling
-    got = TK.quant_linear_grads(gy, x, *args, lsq, A, B, sc, False, **blocks)
-    ref = ops.reference_grads(gy, x, *args, lsq, A, B, sc, False)
+    got = TG.launch_quant_linear_grads(gy, x, args.replace(lora_a=A, lora_b=B, lora_scaling=sc), lsq, False, **blocks)
+    ref = ops.reference_grads(gy, x, args.replace(lora_a=A, lora_b=B, lora_scaling=sc), lsq, False)
     assert got[2].numel() == 0 and ref[2].numel() == 0
     dd, dd_mag = exact["delta"], exact["delta_mag"]
     want_a, mag_a = sc * B.double().t() @ dd, sc * B.double().abs().t() @ dd_mag
@@ -126,11 +128,11 @@ def test_grads_16bit(act_dtype):
     x = torch.randn(9, 64, generator=g).to(act_dtype)
     gy = torch.randn(9, 40, generator=g).to(act_dtype)
     exact, t = _exact(layer, gy, x)
-    args = dispatch.weight_args(layer)
+    args = dispatch.weight_args(layer, factors=False)
     lsq = P.lsq_grad_scale(layer.group_size, 4)
     lora = layer.adapter
     A, B, sc = lora.lora_A.detach(), lora.lora_B.detach(), lora.scaling
-    got = TK.quant_linear_grads(gy, x, *args, lsq, A, B, sc, False, block_m=16, block_n=16, block_k=32)
+    got = TG.launch_quant_linear_grads(gy, x, args.replace(lora_a=A, lora_b=B, lora_scaling=sc), lsq, False, block_m=16, block_n=16, block_k=32)
     assert got[0].dtype == layer.scale_dtype
     _close(got[0], exact["scale"], exact["scale_mag"], t + 32 + 4, layer.scale_dtype, "scale")
     _close(got[1], exact["zero"], exact["zero_mag"], t + 32 + 4, name="zero")
@@ -172,16 +174,17 @@ def test_grads_opcheck():
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
     op = torch.ops.qat.quant_linear_grads.default
     layer = _lora_layer(3, False, 40, 64, 32)
-    args = dispatch.weight_args(layer)
+    args = dispatch.weight_args(layer, factors=False)
     x, gy = torch.randn(2, 5, 64), torch.randn(2, 5, 40)
     lora = layer.adapter
-    lora_args = (lora.lora_A.detach(), lora.lora_B.detach(), lora.scaling)
-    torch.library.opcheck(op, (gy, x, *args, 0.1, *lora_args, False), test_utils=tests)
-    torch.library.opcheck(op, (gy, x, *args, 0.1, None, None, 1.0, True), test_utils=tests)
+    factors = args.replace(lora_a=lora.lora_A.detach(), lora_b=lora.lora_B.detach(),
+                           lora_scaling=lora.scaling)
+    torch.library.opcheck(op, (gy, x, *factors.flat(), 0.1, False), test_utils=tests)
+    torch.library.opcheck(op, (gy, x, *args.flat(), 0.1, True), test_utils=tests)
     sym = dispatch.weight_args(make_layer(4, True, out=40, delta=False))  # no zero point, no delta
-    outs = torch.ops.qat.quant_linear_grads(gy, x, *sym, 0.1, None, None, 1.0, True)
+    outs = torch.ops.qat.quant_linear_grads(gy, x, *sym.flat(), 0.1, True)
     assert [tuple(o.shape) for o in outs] == [(40, 2), (0,), (0,), (0,), (0,)]
-    torch.library.opcheck(op, (gy, x, *sym, 0.1, None, None, 1.0, True), test_utils=tests)
+    torch.library.opcheck(op, (gy, x, *sym.flat(), 0.1, True), test_utils=tests)
 
 
 
@@ -216,7 +219,7 @@ def test_quant_linear_backward_dispatch(adapter):
 def test_unsupported_group_falls_back():
     """A group whose largest power-of-two divisor is below 16 (per-channel over 40 inputs) has
     no kernel tiling; dispatch then runs the reference math, and the gradients still arrive."""
-    assert TK.grads_block_k(40) == 0 and TK.grads_block_k(48) == 16 and TK.grads_block_k(128) == 64
+    assert grads_block_k(40) == 0 and grads_block_k(48) == 16 and grads_block_k(128) == 64
     layer = make_layer(4, False, group=-1, out=24, inp=40, delta=False)
     x = torch.randn(3, 40)
     _, _, ref = layer_step(layer, x, "reference")

@@ -35,14 +35,15 @@ import torch
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (see test_triton_interpret)
 pytest.importorskip("triton", reason="triton is not installed (pip install 'qat[triton]')")
+from qat.kernels import triton_grads as TG  # noqa: E402
 from qat.kernels import triton_kernels as TK  # noqa: E402
 
 from qat import primitives as P  # noqa: E402
 from qat.adapters.lora import LoRAAdapter  # noqa: E402
-from qat.kernels import dispatch, ops  # noqa: E402
+from qat.kernels import dispatch, ops, triton_common  # noqa: E402
 from tests.kernels.helpers import U, close_within, exact_grads, layer_step, make_layer  # noqa: E402
 
-if not TK.INTERPRETED:
+if not triton_common.INTERPRETED:
     pytest.skip("qat.kernels.triton_kernels was imported before this module, without "
                 "TRITON_INTERPRET=1: run this file on its own", allow_module_level=True)
 
@@ -105,7 +106,7 @@ def kernel_delta(lora) -> torch.Tensor:
 
 def _codes_and_v(w, layer):
     """(codes [out, in] int8, v + z [out, in] fp32) that the quantizer gives pre-quant weight w."""
-    scale, zero = layer._steps()
+    scale, zero = layer.fake_quant_steps()
     g, bits = layer.group_size, layer.spec.bits
     v = P._scaled(w, scale, g).reshape(w.shape)
     if zero is not None:
@@ -119,7 +120,7 @@ def _boundary_bound(layer, v_ref, w0):
     lora = layer.adapter
     r = lora.rank
     mag = lora.scaling * lora.lora_B.detach().double().abs() @ lora.lora_A.detach().double().abs()
-    s = layer._steps()[0].double().abs().repeat_interleave(layer.group_size, 1)
+    s = layer.fake_quant_steps()[0].double().abs().repeat_interleave(layer.group_size, 1)
     v_abs = (w0.double().abs() + mag) / s
     e = ((r + 1) * U * mag + U * (w0.double().abs() + mag)) / s + U * (v_abs + v_ref.double().abs())
     return 2 * e
@@ -153,7 +154,7 @@ def test_in_kernel_d_is_the_fma_chain(rank, lora_dtype):
     a, b = lora.lora_A.detach(), lora.lora_B.detach()
     want = kernel_delta(lora)
     for bn, bk in ((16, 32), (64, 64)):
-        assert torch.equal(TK.lora_delta(a, b, lora.scaling, block_n=bn, block_k=bk), want)
+        assert torch.equal(TK.launch_lora_delta(a, b, lora.scaling, block_n=bn, block_k=bk), want)
 
 
 # --------------------------------------------------------------------------- (a) and (b)
@@ -164,11 +165,11 @@ def test_codes_and_w_hat_from_the_in_kernel_d(bits, sym, out, inp, group, tokens
     the reference quantizer applied to W0 + the emulated in-kernel D, on two tilings;
     (b) against the reference path's codes, any difference sits at a rounding boundary."""
     layer = _layer(bits, sym, out, inp, group, rank, ldt)
-    args = dispatch.kernel_args(layer)
-    assert args[5] is None and args[12] is not None  # factors, no dense D
-    w_hat = TK.dequant_fakequant(*args, block_n=16, block_k=block_k)
-    codes = TK.quant_codes(*args, block_n=32, block_k=64)
-    scale, zero = layer._steps()
+    args = dispatch.weight_args(layer)
+    assert args.delta is None and args.lora_a is not None  # factors, no dense D
+    w_hat = TK.launch_dequant_fakequant(args, block_n=16, block_k=block_k)
+    codes = TK.launch_quant_codes(args, block_n=32, block_k=64)
+    scale, zero = layer.fake_quant_steps()
     zero_int = None if zero is None else P.round_zero_point(zero, bits)
     assert codes.dtype == torch.int8
     assert torch.equal(P.dequantize(codes, scale, zero_int, bits, group), w_hat)
@@ -177,7 +178,7 @@ def test_codes_and_w_hat_from_the_in_kernel_d(bits, sym, out, inp, group, tokens
     assert torch.equal(w_hat, P.fake_quantize(w_k, scale, zero, bits, group))
     with torch.no_grad():
         codes_ref, v_ref = _codes_and_v(layer.pre_quant_weight(), layer)
-    assert torch.equal(ops.reference_codes(*args), codes_ref)  # the op's reference = torch path
+    assert torch.equal(ops.reference_codes(args), codes_ref)  # the op's reference = torch path
     check_boundary(layer, codes, codes_ref, v_ref, layer.base_weight())
 
 
@@ -230,14 +231,14 @@ def test_fwd_dx_grads_vs_reference(bits, sym, out, inp, group, tokens, block_k, 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, inp, generator=g).to(act)
     gy = torch.randn(tokens, out, generator=g).to(act)
-    args = dispatch.kernel_args(layer)
+    args = dispatch.weight_args(layer)
     blocks = dict(block_m=16, block_n=16, block_k=block_k)
-    y = TK.quant_linear_fwd(x, *args, **blocks)
-    dx = TK.quant_linear_dx(gy, *args, **blocks)
-    scale, zero = layer._steps()
+    y = TK.launch_quant_linear_fwd(x, args, **blocks)
+    dx = TK.launch_quant_linear_dx(gy, args, **blocks)
+    scale, zero = layer.fake_quant_steps()
     with torch.no_grad():
         w_k = P.fake_quantize(_kernel_w(layer), scale, zero, bits, group).to(act).double()
-        w_ref = layer.dense_weight().to(act).double()
+        w_ref = layer.fake_quant_weight().to(act).double()
     for got, a, w_t in ((y, x.double(), w_k.t()), (dx, gy.double(), w_k)):
         assert got.dtype == act
         assert ((got.double() - a @ w_t).abs() <= _matmul_tol(a, w_t, act)).all()
@@ -254,13 +255,13 @@ def _check_grads(layer, gy, x, args, block_k):
     activations only (test_grads_interpret checks it no further either)."""
     lora = layer.adapter
     lsq = P.lsq_grad_scale(layer.group_size, layer.spec.bits)
-    got = TK.quant_linear_grads(gy, x, *args[:12], lsq, *args[12:], False,
-                                block_m=16, block_n=16, block_k=block_k)
+    got = TG.launch_quant_linear_grads(gy, x, args, lsq, False,
+                                       block_m=16, block_n=16, block_k=block_k)
     checks = [(got, _kernel_w(layer), "kernel")]
     if x.dtype == F32:
-        checks.append((ops.reference_grads(gy, x, *args[:12], lsq, *args[12:], False), None,
+        checks.append((ops.reference_grads(gy, x, args, lsq, False), None,
                        "reference"))
-    a, b, sc = (t.double() if torch.is_tensor(t) else t for t in args[12:])
+    a, b, sc = args.lora_a.double(), args.lora_b.double(), args.lora_scaling
     for res, w, who in checks:
         exact, t = exact_grads(layer, gy, x, w)
         n_group = t + layer.group_size + 4
@@ -280,12 +281,12 @@ def test_bf16_factors():
     """bf16 LoRA factors: the kernels round the fma sum and the scaled D to bf16, as torch's
     bf16 (B @ A) * scaling does; W_hat and codes match the emulation bit for bit."""
     layer = _layer(4, False, 40, 64, 32, 8, lora_dtype=BF16)
-    args = dispatch.kernel_args(layer)
-    scale, zero = layer._steps()
+    args = dispatch.weight_args(layer)
+    scale, zero = layer.fake_quant_steps()
     w_k = _kernel_w(layer)
-    assert torch.equal(TK.dequant_fakequant(*args, block_n=16, block_k=32),
+    assert torch.equal(TK.launch_dequant_fakequant(args, block_n=16, block_k=32),
                        P.fake_quantize(w_k, scale, zero, 4, 32))
-    assert torch.equal(TK.quant_codes(*args), P.quantize_codes(w_k, scale, zero, 4, 32))
+    assert torch.equal(TK.launch_quant_codes(args), P.quantize_codes(w_k, scale, zero, 4, 32))
 
 
 # --------------------------------------------------------------------------- (d)
@@ -294,7 +295,7 @@ def _step(layer, x, mode):
     y, dx, grads = layer_step(layer, x, mode)
     with dispatch.use_kernels(mode):
         codes, scale, zero = layer.export_codes()
-        w_hat = dispatch.dense_weight(layer)
+        w_hat = dispatch.fake_quant_weight(layer)
     return y, dx, grads, (codes, scale, zero), w_hat
 
 
@@ -314,7 +315,7 @@ def test_quant_linear_fused_lora_vs_reference(monkeypatch):
     y, dx, grads, (codes, scale, zero), w_hat = _step(layer, x, "triton")
     monkeypatch.undo()
     assert torch.equal(P.dequantize(codes, scale, zero, 3, 32), w_hat)        # (a), via export
-    assert torch.equal(codes, P.quantize_codes(_kernel_w(layer), *layer._steps(), 3, 32))
+    assert torch.equal(codes, P.quantize_codes(_kernel_w(layer), *layer.fake_quant_steps(), 3, 32))
     with torch.no_grad():
         codes_ref, v_ref = _codes_and_v(layer.pre_quant_weight(), layer)
     assert torch.equal(c_ref, codes_ref)                                        # reference unchanged
@@ -337,22 +338,23 @@ def test_ops_with_factors_opcheck():
     update, never both a dense delta and the factors, in the weight ops."""
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
     layer = _layer(3, False, 40, 64, 32, 4)
-    args = dispatch.kernel_args(layer)
+    args = dispatch.weight_args(layer)
     x, gy = torch.randn(2, 5, 64), torch.randn(2, 5, 40)
     for op in (torch.ops.qat.dequant_fakequant, torch.ops.qat.quant_codes):
-        torch.library.opcheck(op.default, args, test_utils=tests)
-    torch.library.opcheck(torch.ops.qat.quant_codes.default, dispatch.weight_args(layer),
+        torch.library.opcheck(op.default, args.flat(), test_utils=tests)
+    torch.library.opcheck(torch.ops.qat.quant_codes.default, dispatch.weight_args(layer, factors=False).flat(),
                           test_utils=tests)  # dense D, no factors (the defaults)
-    torch.library.opcheck(torch.ops.qat.quant_linear_fwd.default, (x, *args), test_utils=tests)
-    torch.library.opcheck(torch.ops.qat.quant_linear_dx.default, (gy, *args), test_utils=tests)
-    grads = (gy, x, *args[:12], 0.1, *args[12:], False)
+    torch.library.opcheck(torch.ops.qat.quant_linear_fwd.default, (x, *args.flat()), test_utils=tests)
+    torch.library.opcheck(torch.ops.qat.quant_linear_dx.default, (gy, *args.flat()), test_utils=tests)
+    grads = (gy, x, *args.flat(), 0.1, False)
     torch.library.opcheck(torch.ops.qat.quant_linear_grads.default, grads, test_utils=tests)
     with torch.no_grad():
-        w = layer.dense_weight()
-    assert torch.equal(torch.ops.qat.dequant_fakequant(*args), w)
-    assert torch.equal(torch.ops.qat.quant_codes(*args), layer.export_codes()[0])
-    torch.testing.assert_close(torch.ops.qat.quant_linear_fwd(x, *args), x @ w.t())
-    both = list(dispatch.weight_args(layer)) + list(args[12:])
-    for fn in (ops.reference_w_hat, ops.reference_codes, TK.dequant_fakequant, TK.quant_codes):
+        w = layer.fake_quant_weight()
+    assert torch.equal(torch.ops.qat.dequant_fakequant(*args.flat()), w)
+    assert torch.equal(torch.ops.qat.quant_codes(*args.flat()), layer.export_codes()[0])
+    torch.testing.assert_close(torch.ops.qat.quant_linear_fwd(x, *args.flat()), x @ w.t())
+    both = args.replace(delta=dispatch.weight_args(layer, factors=False).delta)
+    for fn in (ops.reference_w_hat, ops.reference_codes, TK.launch_dequant_fakequant,
+               TK.launch_quant_codes):
         with pytest.raises(ValueError, match="dense delta or the LoRA factors"):
-            fn(*both)
+            fn(both)

@@ -21,6 +21,7 @@ from torch import nn
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed (pip install 'qat[triton]')")
 from qat.kernels import packing_kernels as PK  # noqa: E402
+from qat.kernels import triton_common  # noqa: E402
 
 from qat import packing  # noqa: E402
 from qat.config import LayerSpec  # noqa: E402
@@ -28,7 +29,7 @@ from qat.export import layer_export_tensors  # noqa: E402
 from qat.kernels import dispatch, ops  # noqa: E402
 from qat.quant_linear import QuantLinear  # noqa: E402
 
-if not PK.INTERPRETED:
+if not triton_common.INTERPRETED:
     pytest.skip("qat.kernels.packing_kernels was imported before this module, without "
                 "TRITON_INTERPRET=1: run this file on its own", allow_module_level=True)
 
@@ -56,10 +57,10 @@ def test_pack_unpack_bit_identical(bits):
         codes = _codes(bits, rows, n, seed=bits * 10 + i)
         for dim, c in ((1, codes), (0, codes.t().contiguous())):
             want = packing.pack_int32(c, bits, dim)
-            got = PK.pack_int32(c, bits, dim, block_r=br, block_w=bw)
+            got = PK.launch_pack_int32(c, bits, dim, block_r=br, block_w=bw)
             assert got.dtype == torch.int32 and got.is_contiguous()
             assert torch.equal(got, want), f"pack b{bits} n{n} rows{rows} dim{dim}"
-            back = PK.unpack_int32(want, bits, n, dim, block_r=br, block_w=bw)
+            back = PK.launch_unpack_int32(want, bits, n, dim, block_r=br, block_w=bw)
             assert back.dtype == torch.int8 and back.is_contiguous()
             assert torch.equal(back, c), f"unpack b{bits} n{n} rows{rows} dim{dim}"
 
@@ -72,11 +73,11 @@ def test_sign_bit_and_round_trip(bits):
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     n = 64  # 64 * b bits = 2b whole words: every word is full, so all-qmax words are all ones
     codes = torch.stack([torch.full((n,), hi), torch.full((n,), lo)]).to(torch.int8)
-    words = PK.pack_int32(codes, bits)
+    words = PK.launch_pack_int32(codes, bits)
     assert torch.equal(words, packing.pack_int32(codes, bits))
     assert (words[0] == -1).all() and (words[1] == 0).all()
     wide = _codes(bits, 6, 2 * n, seed=bits)[:, ::2]           # [6, 64] with column stride 2
-    assert torch.equal(PK.unpack_int32(PK.pack_int32(wide, bits), bits, n), wide)
+    assert torch.equal(PK.launch_unpack_int32(PK.launch_pack_int32(wide, bits), bits, n), wide)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
@@ -85,17 +86,17 @@ def test_pack_integer_dtypes(dtype):
     included: the reference masks (c + 2^(b-1)) to b bits, so does the kernel)."""
     c = _codes(5, 3, 19, seed=1).to(dtype) if dtype != torch.uint8 else \
         torch.randint(0, 256, (3, 19), dtype=dtype)
-    assert torch.equal(PK.pack_int32(c, 5), packing.pack_int32(c, 5))
+    assert torch.equal(PK.launch_pack_int32(c, 5), packing.pack_int32(c, 5))
 
 
 def test_launcher_errors_match_reference():
     with pytest.raises(ValueError, match="1..8"):
-        PK.pack_int32(torch.zeros(2, 2, dtype=torch.int8), 9)
+        PK.launch_pack_int32(torch.zeros(2, 2, dtype=torch.int8), 9)
     packed = packing.pack_int32(torch.zeros(2, 64, dtype=torch.int8), 4)
     with pytest.raises(ValueError, match="truncated"):
-        PK.unpack_int32(packed[:, :-1], 4, 64)
+        PK.launch_unpack_int32(packed[:, :-1], 4, 64)
     with pytest.raises(ValueError, match="int32"):
-        PK.unpack_int32(packed.long(), 4, 64)
+        PK.launch_unpack_int32(packed.long(), 4, 64)
 
 
 @pytest.mark.parametrize("bits,dim", [(3, 1), (5, 0)])
@@ -105,10 +106,10 @@ def test_opcheck(bits, dim):
     codes = _codes(bits, 6, 37, seed=bits)
     n = codes.shape[dim]
     words = packing.pack_int32(codes, bits, dim)
-    torch.library.opcheck(ops.pack_int32, (codes, bits, dim))
-    torch.library.opcheck(ops.unpack_int32, (words, bits, n, dim))
-    assert torch.equal(ops.pack_int32(codes, bits, dim), words)
-    assert torch.equal(ops.unpack_int32(words, bits, n, dim), codes)
+    torch.library.opcheck(ops.pack_op, (codes, bits, dim))
+    torch.library.opcheck(ops.unpack_op, (words, bits, n, dim))
+    assert torch.equal(ops.pack_op(codes, bits, dim), words)
+    assert torch.equal(ops.unpack_op(words, bits, n, dim), codes)
 
 
 def test_torch_compile_traces_through():
@@ -126,7 +127,7 @@ def test_torch_compile_traces_through():
     mode = FakeTensorMode()
     truncated = mode.from_tensor(words[:, :-1].contiguous())
     with mode, pytest.raises(ValueError, match="truncated"):
-        ops.unpack_int32(truncated, 5, 37)
+        ops.unpack_op(truncated, 5, 37)
 
 
 @pytest.fixture
@@ -134,13 +135,13 @@ def kernel_calls(monkeypatch):
     """Counts the Triton launchers' calls, to show which path dispatch took."""
     calls = []
     for name in ("pack_int32", "unpack_int32"):
-        launcher = getattr(PK, name)
+        launcher = getattr(PK, f"launch_{name}")
 
         def counted(*args, _name=name, _launcher=launcher, **kwargs):
             calls.append(_name)
             return _launcher(*args, **kwargs)
 
-        monkeypatch.setattr(PK, name, counted)
+        monkeypatch.setattr(PK, f"launch_{name}", counted)
     return calls
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qat.adapters.hadamard import (MAX_BLOCK, SUPPORTED_K, block_plan, factor, fwht, hadamard_matrix, ifwht,
+from qat.hadamard import (MAX_BLOCK, SUPPORTED_K, block_plan, factor, fwht, hadamard_matrix, ifwht,
                                    small_hadamard)
 
 
