@@ -64,6 +64,9 @@ class QATArguments(TrainingArguments):
     adapter_placement: str = field(default="inside", metadata={"help": "'inside' (exact merge) or 'outside'"})
     adapter_targets: list[str] = field(default_factory=lambda: [r".*"])
     adapter_init: str = field(default="zero", metadata={"help": f"one of {ADAPTER_INITS}"})
+    adapter_init_iters: int = field(default=AdapterConfig.init_iters, metadata={"help": "LoftQ alternations"})
+    adapter_init_steps: int = field(default=AdapterConfig.init_steps,
+                                    metadata={"help": "Adam steps of the inside 'refine' init"})
     calibration_samples: int = field(default=128, metadata={"help": "examples for error-aware adapter inits"})
     # ---------------------------------------------------------------- distillation
     distill: str = field(default="none", metadata={"help": f"teacher loss, one of {DISTILL_LOSSES}"})
@@ -130,7 +133,8 @@ class QATArguments(TrainingArguments):
             return None
         return AdapterConfig(kind=self.adapter, rank=self.adapter_rank, alpha=self.adapter_alpha,
                              dropout=self.adapter_dropout, placement=self.adapter_placement,
-                             targets=list(self.adapter_targets), init=self.adapter_init)
+                             targets=list(self.adapter_targets), init=self.adapter_init,
+                             init_iters=self.adapter_init_iters, init_steps=self.adapter_init_steps)
 
     def qat_dict(self) -> dict:
         """The qat fields only (what a recipe file adds to TrainingArguments)."""

@@ -63,8 +63,53 @@ def test_default_recipe_file_matches_embedded_default():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_every_shipped_recipe_validates(name, tmp_path):
-    build_arguments(["--config", str(RECIPES / name), "--model_name_or_path", str(tmp_path),
-                     "--dataset", "pydoc", "--output_dir", str(tmp_path / "o")])
+    """Every shipped recipe builds, and every key it sets reaches the arguments as written."""
+    recipe = yaml.safe_load((RECIPES / name).read_text())
+    args = build_arguments(["--config", str(RECIPES / name), "--model_name_or_path", str(tmp_path),
+                            "--dataset", "pydoc", "--output_dir", str(tmp_path / "o")])
+    overridden = {"model_name_or_path", "dataset", "output_dir"}
+    for key, value in recipe.items():
+        if key in overridden:
+            continue
+        got = getattr(args, key)
+        got = getattr(got, "value", got)               # TrainingArguments' enums (lr_scheduler_type)
+        if key == "report_to" and value == "none":     # TrainingArguments' spelling of "none"
+            value = []
+        assert got == value, f"{name}: {key} = {got!r}, the recipe says {value!r}"
+
+
+# A non-default value for every field of the quantizer and adapter configs, and the recipe key
+# that sets it. A new config field fails test_every_config_field_is_a_recipe_key until it is here.
+QUANT_KEYS = {"bits": ("bits", 3), "group_size": ("group_size", 16), "symmetric": ("symmetric", False),
+              "storage_bits": ("storage_bits", 8), "init": ("quant_init", "rtn"),
+              "include": ("quant_include", [r"q_proj$"]), "exclude": ("quant_exclude", [r"v_proj$"]),
+              "overrides": ("quant_overrides", {r"k_proj$": {"bits": 8}}),
+              "learn_scale": ("learn_scale", False), "learn_zero_point": ("learn_zero_point", False)}
+ADAPTER_KEYS = {"kind": ("adapter", "wht"), "rank": ("adapter_rank", 4), "alpha": ("adapter_alpha", 2.0),
+                "dropout": ("adapter_dropout", 0.1), "placement": ("adapter_placement", "outside"),
+                "targets": ("adapter_targets", [r"q_proj$"]), "init": ("adapter_init", "loftq"),
+                "init_iters": ("adapter_init_iters", 2), "init_steps": ("adapter_init_steps", 7)}
+# Fields that are only valid together with another (dropout and LoftQ: outside only).
+ADAPTER_NEEDS = {"dropout": {"adapter_placement": "outside"}, "init": {"adapter_placement": "outside"}}
+
+
+def test_every_config_field_is_a_recipe_key(tmp_path):
+    import dataclasses
+
+    from qat.adapters import AdapterConfig
+    from qat.config import QuantConfig
+
+    assert set(QUANT_KEYS) == {f.name for f in dataclasses.fields(QuantConfig)}
+    assert set(ADAPTER_KEYS) == {f.name for f in dataclasses.fields(AdapterConfig)}
+    cases = [("quant_config", f, *QUANT_KEYS[f], {}) for f in QUANT_KEYS]
+    cases += [("adapter_config", f, *ADAPTER_KEYS[f], ADAPTER_NEEDS.get(f, {})) for f in ADAPTER_KEYS]
+    for getter, field_name, key, value, needs in cases:
+        recipe = tmp_path / f"{key}.yaml"
+        recipe.write_text(yaml.safe_dump({"model_name_or_path": str(tmp_path), key: value, **needs}))
+        args = build_arguments(["--config", str(recipe), "--output_dir", str(tmp_path / "o")])
+        config = getattr(args, getter)()
+        default = getattr(type(config)(), field_name)
+        assert value != default and getattr(config, field_name) == value, (key, field_name)
 
 
 def test_deepspeed_config_that_upcasts_codes_is_refused_at_once(tmp_path):
