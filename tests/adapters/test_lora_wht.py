@@ -18,18 +18,27 @@ def make_layer(in_f=64, out_f=24, bits=4, group=16, symmetric=True, seed=0):
 
 
 def test_lora_inside_merged_equals_unmerged():
+    """merge() folds the inside LoRA into the frozen base: the merged layer's outputs equal the
+    unmerged layer's bit for bit (same codes, same steps, same W_hat), and both equal the
+    exported codes dequantized."""
+    from qat.adapters import merge
+
     layer, _ = make_layer(symmetric=False)
     layer.adapter = LoRAAdapter(64, 24, rank=4, alpha=8, placement="inside")
     nn.init.normal_(layer.adapter.lora_B, std=0.05)
     x = torch.randn(5, 64)
     with torch.no_grad():
+        layer.weight_scale.mul_(1.1)  # steps off the base's grid, as after training
         y = layer(x)
         codes, scale, zero = layer.export_codes()
         w = P.dequantize(codes, scale, zero, 4, 16)
-        y_ref = x @ w.T + layer.bias
-    # Same codes and steps; only the matmul order differs (fp32, |y| ~ 1): 1e-5.
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        assert merge(nn.Sequential(layer)) == 1 and layer.adapter is None
+        y_merged = layer(x)
+    assert torch.equal(y_merged, y)
     torch.testing.assert_close(w, layer.fake_quant_weight(), atol=0, rtol=0)
+    # Same codes and steps, only the matmul order differs (fp32, 64-term sums of |x w| ~ 1):
+    # 64 * 2^-24 ~ 4e-6 relative; 1e-5 leaves a 2x margin.
+    torch.testing.assert_close(y, x @ w.T + layer.bias, atol=1e-5, rtol=1e-5)
 
 
 def test_adapter_changes_output():
@@ -88,12 +97,26 @@ def test_wht_outside_equals_dense(in_f):
     assert a.values.numel() == 2 * (in_f + 20)
 
 
-def test_wht_inside_gradient_reaches_values():
-    layer, _ = make_layer()
-    layer.adapter = WHTAdapter(64, 24, rank=2, alpha=1.0, placement="inside")
-    nn.init.normal_(layer.adapter.values, std=0.5)
-    layer(torch.randn(3, 64)).sum().backward()
-    assert layer.adapter.values.grad is not None and layer.adapter.values.grad.abs().max() > 0
+def test_wht_inside_gradient_matches_float64():
+    """The inside WHT's values get d/dv of y = x Q(W0 + c S H / n)^T + b, checked against the
+    same formula in float64 with a dense Hadamard matrix (width 96 = 12 * 8: H is not
+    symmetric, so a transform applied the wrong way round shows)."""
+    layer, _ = make_layer(in_f=96)
+    adapter = layer.adapter = WHTAdapter(96, 24, rank=2, alpha=1.0, placement="inside")
+    nn.init.normal_(adapter.values, std=0.5)
+    x = torch.randn(3, 96)
+    layer(x).sum().backward()
+    v = adapter.values.detach().double().requires_grad_()
+    S = torch.zeros(24, 96, dtype=torch.float64).index_put((adapter.rows, adapter.cols), v, accumulate=True)
+    D = adapter.coef * S @ hadamard_matrix(96)                     # c S H / n, [out, in]
+    w_hat = P.fake_quantize(layer.base_weight().double() + D, layer.weight_scale.detach().double(),
+                            None, 4, 16)
+    (x.double() @ w_hat.T).sum().backward()
+    # The gradient is c * (G_ste H^T) at the support, G = sum over 3 tokens: fp32 sums of 3 + 96
+    # terms, each at most |x| (|H| = 1), so |error| <= 2 (3 + 96) u * c * sum|x| (2x margin).
+    tol = 2 * (3 + 96) * 2.0**-24 * adapter.coef * x.abs().sum().item()
+    assert (adapter.values.grad.double() - v.grad).abs().max() <= tol
+    assert v.grad.abs().max() > 100 * tol  # the gradient is far from zero: the bound means something
 
 
 def test_errors():
