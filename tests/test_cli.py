@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from qat.cli import main
+from qat.cli import build_parser, main
 from qat.evaluation import embedding_agreement, pydoc_sentences, sentence_embeddings
 
 
@@ -23,7 +23,7 @@ def test_quantize_minilm_w4_keeps_embeddings(tmp_path, minilm_path, capsys):
     assert "37 layers" in capsys.readouterr().out
 
 
-def test_cli_refusals(tmp_path, minilm_path):
+def test_cli_refusals(tmp_path, minilm_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("x")
@@ -33,14 +33,17 @@ def test_cli_refusals(tmp_path, minilm_path):
         main(["quantize", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="does not divide"):
         main(["quantize", "--model", minilm_path, "--group-size", "100", "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:  # argparse's refusal: exit code 2, one line on stderr
         main(["quantize", "--model", minilm_path, "--bits", "5.5", "--out", str(tmp_path / "o")])
+    assert refused.value.code == 2
+    assert "argument --bits: unsupported bit width 5.5: use one of 2, 3, 4" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "x" and not (tmp_path / "o").exists()
 
 
 def test_export_push_offline_fails_clearly_and_keeps_export(tmp_path, minilm_path, monkeypatch):
     src = tmp_path / "w8"
-    main(["quantize", "--model", minilm_path, "--bits", "8", "--group-size", "-1", "--init", "rtn", "--out", str(src)])
+    assert main(["quantize", "--model", minilm_path, "--bits", "8", "--group-size", "-1", "--init", "rtn",
+                 "--out", str(src)]) == 0
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     out = tmp_path / "re-exported"
@@ -50,8 +53,15 @@ def test_export_push_offline_fails_clearly_and_keeps_export(tmp_path, minilm_pat
 
 
 def test_help_lists_every_command(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as done:
         main(["--help"])
+    assert done.value.code == 0
     text = capsys.readouterr().out
-    for command in ("quantize", "export", "inspect"):
-        assert command in text
+    commands = [a for a in build_parser()._subparsers._group_actions[0].choices]
+    assert commands == ["train", "quantize", "export", "inspect"]
+    for command in commands:
+        assert f"\n    {command} " in text, command  # listed with its help line
+    # train has its own parser (every QATArguments field is a key): its help exits cleanly too
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: qat train") and "--adapter_rank" in text and "--learning_rate" in text
