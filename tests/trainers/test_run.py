@@ -88,12 +88,29 @@ def test_an_existing_run_is_never_overwritten(llama_dir, tmp_path):
 def test_default_main_job_beats_post_training(minilm_path, tmp_path, capsys):
     # The real default recipe, cut to a few steps so CI stays fast (the full job: README / note).
     out = tmp_path / "minilm"
-    assert main(["--output_dir", str(out), "--max_steps", "8", "--max_eval_samples", "48",
-                 "--per_device_train_batch_size", "16", "--save_steps", "4", "--logging_steps", "4",
-                 "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]) == 0
+    argv = ["--output_dir", str(out), "--max_steps", "8", "--max_eval_samples", "48",
+            "--per_device_train_batch_size", "16", "--save_steps", "4", "--logging_steps", "4",
+            "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
+    assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     rows = metrics["rows"]
-    assert rows["float"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    # The qat row, recomputed here from what a user gets: the export reloaded by transformers,
+    # against the float model, on the run's own held-out texts.
+    from qat.evaluation import embedding_agreement, sentence_embeddings
+    from qat.trainers.data import build_datasets
+    from qat.trainers.recipes import build_arguments
+
+    args = build_arguments(argv)
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    texts = build_datasets(args, tok)[2]
+    assert len(texts) == 48
+    float_model = transformers.AutoModel.from_pretrained(minilm_path).eval()
+    exported = transformers.AutoModel.from_pretrained(out / "export").eval()
+    want = embedding_agreement(sentence_embeddings(float_model, tok, texts, max_length=args.max_length),
+                               sentence_embeddings(exported, tok, texts, max_length=args.max_length))
+    # The same model and texts, run twice in fp32 (BLAS order only): a mean of cosines ~1e-7 apart.
+    assert rows["qat"]["cosine"] == pytest.approx(want["cosine"], abs=1e-5)
+    assert want["cosine"] < 1 - 1e-4  # quantized: the export is not the float model
     assert rows["qat"]["cosine"] > rows["post-training"]["cosine"]
     assert metrics["export_max_abs_diff"] <= 1e-4  # 384-wide fp32 hidden states, BLAS order only
     printed = capsys.readouterr().out
