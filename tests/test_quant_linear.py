@@ -44,8 +44,8 @@ def test_storage8_base_is_near_lossless():
 def reference_forward(layer, x, placement):
     """Plain-autograd reference (no recompute Function): the formula of DESIGN section 1."""
     w0 = layer.base_weight()
-    d = layer.adapter.delta_weight() if placement == "inside" else 0
-    s = layer.weight_scale
+    d = layer.adapter.delta_weight().float() if placement == "inside" else 0  # W0 + D is fp32
+    s = layer.weight_scale.to(layer.scale_dtype)  # the step as saved (fp32 master, cast)
     z = layer.weight_zero_point
     w_hat = P.fake_quantize(w0 + d, s, z, layer.spec.bits, layer.group_size,
                             lsq_scale=P.lsq_grad_scale(layer.group_size, layer.spec.bits))
@@ -56,21 +56,32 @@ def reference_forward(layer, x, placement):
 @pytest.mark.parametrize("placement", ["inside", "outside"])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_recomputed_backward_matches_autograd(placement, symmetric):
-    _, layer = make_layer(3, 8, symmetric)
-    layer.adapter = DenseDelta(12, 32, placement)
-    x = torch.randn(2, 5, 32, requires_grad=True)
+    """The recomputed backward (W_hat rebuilt from the codes, G = grad_y^T x reduced by hand)
+    against plain autograd through the same formula. Run in float64 (a float64 layer: W_hat, G
+    and every product in float64), so the two differ only by summation order: at most
+    (10 tokens + 32 inputs) terms, |error| <= 42 u |sum of magnitudes| with u = 2^-53, and
+    the magnitudes here are below 1e3: 1e-11 absolute leaves a 1000x margin; rtol 1e-10 the same
+    for the larger entries (fp32 master steps: one fp32 ulp, below). A wrong formula (a missing LSQ scale, a mask off by one bin) is
+    off by far more than that."""
+    _, layer = make_layer(3, 8, symmetric, dtype=torch.float64)
+    layer.adapter = DenseDelta(12, 32, placement).double()
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     y.pow(2).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    assert {"weight_scale", "adapter.delta"} <= set(grads)
     gx = x.grad.clone()
     layer.zero_grad(); x.grad = None
     y_ref = reference_forward(layer, x, placement)
     y_ref.pow(2).sum().backward()
-    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)  # same ops, matmul order may differ by ulps
-    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-10, atol=1e-11)
     for name, p in layer.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+            # The steps' fp32 master copies take their float64 gradients rounded to fp32: two
+            # values 1e-13 apart may round to neighbouring floats, one ulp = eps |g| apart.
+            rtol = torch.finfo(torch.float32).eps if p.dtype == torch.float32 else 1e-10
+            torch.testing.assert_close(grads[name], p.grad, rtol=rtol, atol=1e-11, msg=name)
     assert "weight_scale" in grads and "adapter.delta" in grads
     assert ("weight_zero_point" in grads) == (not symmetric)
     assert "base_packed" not in grads and "base_scale" not in grads
