@@ -36,14 +36,33 @@ def run(kind, init, rank=4):
     return err(model, W, X)
 
 
+def best_rank_r_error(rank=4) -> float:
+    """The smallest ||X (W - Q - D)^T|| / ||X W^T|| over rank-r D with Q the plain quantized W
+    (float64): Eckart-Young on the X-weighted problem, the best any rank-r adapter over a fixed
+    base can do."""
+    model, W, X = setup()
+    with torch.no_grad():
+        Y = X.double() @ (W.double() - model[0].fake_quant_weight().double()).T    # [N, out]
+    U = torch.linalg.svd(X.double(), full_matrices=False)[0]
+    u, s, vh = torch.linalg.svd(U @ (U.T @ Y), full_matrices=False)            # Y projected on col(X)
+    rest = Y - (u[:, :rank] * s[:rank]) @ vh[:rank]
+    return float(rest.norm() / (X.double() @ W.double().T).norm())
+
+
 def test_inits_reduce_error():
     base = run("lora", "zero")
+    best = best_rank_r_error()
     results = {i: run("lora", i) for i in ("loftq", "loftq_act")}
     results.update({i: run("wht", i) for i in ("wht_random", "qwha")})
-    print("rel. output error", base, results)
-    # Zero init leaves the quantization error; each error-aware init must remove a clear share of it.
+    print("rel. output error", base, "rank-4 bound", best, results)
+    # Measured: zero 0.137, fixed-base rank-4 optimum 0.099, loftq 0.096, loftq_act 0.092,
+    # wht_random 0.102, qwha 0.066.
     for name, value in results.items():
-        assert value < 0.9 * base, (name, value, base)
+        assert value < base, (name, value, base)  # every error-aware init removes some error
+    # loftq_act's first alternation is that Eckart-Young fit (whitened with a ridge of 1e-2 x the
+    # mean energy: 1% slack); its further alternations re-quantize the base and only keep going
+    # down. LoftQ fits the unweighted error instead, so it is held to its weighted cousin.
+    assert results["loftq_act"] <= best * 1.01
     assert results["loftq_act"] < results["loftq"]   # it optimises exactly this objective
     assert results["qwha"] < results["wht_random"]   # scored positions beat random ones
 
