@@ -28,9 +28,34 @@ def test_fwht_matches_dense(n):
     torch.testing.assert_close(ifwht(fwht(x)), x, atol=1e-12, rtol=0)
 
 
-def test_nonsymmetric_hk_needs_transpose():
-    h = small_hadamard(12)  # Paley I: not symmetric, so the inverse must use H^T
-    assert not torch.equal(h, h.T)
+def _paley1_h12() -> torch.Tensor:
+    """H_12 from Paley I written out by hand: q = 11, quadratic residues mod 11 = {1, 3, 4, 5, 9},
+    Q[a, b] = chi(a - b), H = I + [[0, 1^T], [-1, Q]]. Independent of qat.hadamard's field code."""
+    residues = {1, 3, 4, 5, 9}
+    chi = [0] + [1 if d in residues else -1 for d in range(1, 11)]
+    h = torch.eye(12, dtype=torch.float64)
+    h[0, 1:] += 1
+    h[1:, 0] -= 1
+    for a in range(11):
+        for b in range(11):
+            h[1 + a, 1 + b] += chi[(a - b) % 11]
+    return h
+
+
+def test_transform_of_nonsymmetric_hk_against_hand_built_paley():
+    """Width 96 = 12 * 8 uses Paley I's H_12, which is not symmetric: fwht must apply H (and
+    transpose=True H^T) the right way round, and ifwht must invert with H^T. Checked against
+    kron(H_12, Syl_8) built here from the Paley formula, not from qat.hadamard."""
+    h12 = _paley1_h12()
+    assert not torch.equal(h12, h12.T)                  # so a wrong orientation shows
+    syl8 = torch.tensor([[(-1) ** bin(i & j).count("1") for j in range(8)] for i in range(8)],
+                        dtype=torch.float64)          # Sylvester: (-1)^popcount(i & j)
+    H = torch.kron(h12, syl8)
+    x = torch.randn(5, 96, dtype=torch.float64)
+    # float64 sums of 96 terms of size ~1: error ~1e-14, far below 1e-10
+    torch.testing.assert_close(fwht(x), x @ H.T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(fwht(x, transpose=True), x @ H, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ifwht(fwht(x)), x, atol=1e-12, rtol=0)
 
 
 def test_bad_width_names_nearest():
