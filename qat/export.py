@@ -9,6 +9,8 @@ existing one.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import json
 import re
@@ -126,23 +128,58 @@ def layer_export_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tenso
     return out
 
 
+def state_owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """state-dict key -> (module that owns it, attribute name), in ``state_dict()`` order: each
+    module's parameters, then its persistent buffers, then its children's."""
+    owners = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        lead = f"{prefix}." if prefix else ""
+        for name in module._parameters:
+            owners.setdefault(lead + name, (module, name))
+        for name in module._buffers:
+            if name not in module._non_persistent_buffers_set:
+                owners.setdefault(lead + name, (module, name))
+    return owners
+
+
+def _owned(owner: nn.Module, attr: str):
+    return owner._parameters[attr] if attr in owner._parameters else owner._buffers.get(attr)
+
+
 @torch.no_grad()
-def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every QuantLinear replaced by its packed export tensors."""
+def packed_state_dict(model: nn.Module, gather=None, keep: bool = True,
+                      device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict with every QuantLinear replaced by its packed export tensors.
+
+    The one builder for single-process and sharded exports (``qat.trainers.sharded_export``):
+    ``gather(module, recurse=...)`` is a context manager in which the module's parameters are
+    whole (default: none needed); with ``keep`` False the tensors are gathered but not kept
+    (the other ranks of a sharded export); ``device`` moves each kept tensor there as a copy
+    (default: left where it is). A tied weight (e.g. lm_head = embeddings, one Parameter) is
+    saved once, under its first key, and tied again on load.
+    """
+    gather = gather or (lambda module, recurse=True: contextlib.nullcontext())
     layers = dict(_check_exportable(model))
+    skip = tuple(f"{n}." for n in layers)
     state: dict[str, torch.Tensor] = {}
-    skip_prefixes = tuple(f"{n}." for n in layers)
-    seen_storage: set[tuple[int, int]] = set()
-    for key, tensor in model.state_dict().items():
-        if key.startswith(skip_prefixes) or key.startswith("_"):
+    seen: set[int] = set()
+
+    def kept(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().contiguous() if device is None else t.detach().to(device, copy=True).contiguous()
+
+    for key, (owner, attr) in state_owners(model).items():
+        ref = _owned(owner, attr)
+        if key.startswith(skip) or key.startswith("_") or ref is None or id(ref) in seen:
             continue
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if ident in seen_storage and tensor.numel() > 0:
-            continue  # a tied weight (e.g. lm_head = embeddings): saved once, tied again on load
-        seen_storage.add(ident)
-        state[key] = tensor.detach().contiguous()
+        seen.add(id(ref))
+        with gather(owner, recurse=False):
+            if keep:
+                state[key] = kept(_owned(owner, attr))
     for name, layer in layers.items():
-        state.update(layer_export_tensors(name, layer))
+        with gather(layer):
+            tensors = layer_export_tensors(name, layer)
+        if keep:
+            state.update({k: kept(v) for k, v in tensors.items()})
     return state
 
 

@@ -15,7 +15,6 @@ tensor every rank read; under ZeRO-3 rank 0's loaded values are re-partitioned b
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -26,33 +25,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qat.adapters import is_adapter_name, load_adapter_state_dict
 from qat.quant_linear import QuantLinear
+from qat.trainers.gather import full_tensor, gathered, is_sharded  # noqa: F401  (is_sharded: re-exported)
 
 TRAINABLE_FILE = "qat_trainable.safetensors"
 META_FILE = "qat_checkpoint.json"
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP2 shard (a collective: every rank calls it), else ``t`` itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """FSDP2 (DTensor) or DeepSpeed ZeRO-3 (``ds_id``) parameters: reading them takes every rank."""
-    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
-
-
-@contextlib.contextmanager
-def _gathered(params, modify: bool = False):
-    """ZeRO-3 parameters among ``params`` are whole inside the block (DeepSpeed's GatheredParameters;
-    with ``modify`` rank 0's changes are re-partitioned on exit); others need nothing here."""
-    zero3 = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not zero3:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0 if modify else None):
-        yield
 
 
 def _trainable_keys(model: nn.Module, state: dict) -> list[str]:
@@ -63,12 +39,12 @@ def _trainable_keys(model: nn.Module, state: dict) -> list[str]:
 def trainable_state(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """Trainable parameters plus everything under an ``.adapter.`` module, detached on CPU, whole."""
     if state_dict is not None:
-        return {k: _full(state_dict[k]).detach().cpu().contiguous() for k in _trainable_keys(model, state_dict)}
+        return {k: full_tensor(state_dict[k]).detach().cpu().contiguous() for k in _trainable_keys(model, state_dict)}
     params = dict(model.named_parameters())
     keys = _trainable_keys(model, model.state_dict())
-    with _gathered([params.get(k) for k in keys]):
+    with gathered([params.get(k) for k in keys]):
         state = model.state_dict()
-        return {k: _full(state[k]).detach().cpu().clone().contiguous() for k in keys}
+        return {k: full_tensor(state[k]).detach().cpu().clone().contiguous() for k in keys}
 
 
 def base_fingerprints(model: nn.Module) -> dict[str, str]:
@@ -78,10 +54,10 @@ def base_fingerprints(model: nn.Module) -> dict[str, str]:
         if isinstance(layer, QuantLinear):
             h = hashlib.sha256()
             frozen = (layer.base_packed, layer.base_scale, layer.base_zero_point)
-            with _gathered(frozen):
+            with gathered(frozen):
                 for t in frozen:
                     if t is not None:
-                        h.update(_full(t).detach().cpu().contiguous().numpy().tobytes())
+                        h.update(full_tensor(t).detach().cpu().contiguous().numpy().tobytes())
             out[name] = h.hexdigest()[:16]
     return out
 
@@ -137,7 +113,7 @@ def load_checkpoint(model: nn.Module, folder: str | Path) -> dict:
     state = _as_local_shards(state, model.state_dict())
     adapter_keys = {k for k in state if is_adapter_name(k)}
     params = dict(model.named_parameters())
-    with _gathered([params.get(k) for k in state], modify=True):
+    with gathered([params.get(k) for k in state], modify=True):
         if adapter_keys:
             load_adapter_state_dict(model, {k: state[k] for k in adapter_keys})
         model.load_state_dict({k: v for k, v in state.items() if k not in adapter_keys}, strict=False)

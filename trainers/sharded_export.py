@@ -11,74 +11,18 @@ nobody ever holds a dense copy of the model, only one layer's ``W_hat`` transien
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from qat.export import _check_exportable, export_model, layer_export_tensors
+from qat.export import export_model, packed_state_dict
+from qat.trainers.gather import full_parameters
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _is_zero3(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")  # DeepSpeed ZeRO-3 partitioned parameter
-
-
-@contextlib.contextmanager
-def full_parameters(module: nn.Module, recurse: bool = True):
-    """Within the block, ``module``'s parameters are full (unsharded) tensors on every rank.
-
-    A collective: every rank must enter it for the same module. FSDP2 parameters (DTensors) are
-    swapped for their ``full_tensor()`` and swapped back; ZeRO-3 parameters are gathered by
-    DeepSpeed's own ``GatheredParameters`` (read-only, ``modifier_rank=None``); anything else is
-    already full.
-    """
-    owners = module.modules() if recurse else [module]
-    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
-    zero3: list[torch.Tensor] = []
-    full_of: dict[int, nn.Parameter] = {}  # a tied DTensor is gathered once
-    with torch.no_grad():
-        for owner in owners:
-            for name, p in list(owner._parameters.items()):
-                if p is None:
-                    continue
-                if isinstance(p, DTensor):
-                    if id(p) not in full_of:
-                        full_of[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=False)
-                    swapped.append((owner, name, p))
-                    owner._parameters[name] = full_of[id(p)]
-                elif _is_zero3(p):
-                    zero3.append(p)
-    try:
-        if zero3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
-                yield module
-        else:
-            yield module
-    finally:
-        for owner, name, p in swapped:
-            owner._parameters[name] = p
-
-
-def _state_owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """state-dict key -> (module that owns it, attribute name), in state-dict order."""
-    owners = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        lead = f"{prefix}." if prefix else ""
-        for name in module._parameters:
-            owners.setdefault(lead + name, (module, name))
-        for name in module._buffers:
-            if name not in module._non_persistent_buffers_set:
-                owners.setdefault(lead + name, (module, name))
-    return owners
 
 
 @torch.no_grad()
@@ -86,31 +30,11 @@ def gather_packed_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[
     """``qat.export.packed_state_dict`` of a sharded model, assembled one module at a time.
 
     Every rank must call it (it gathers); rank 0 gets the CPU state dict (every rank does when
-    ``rank0_only=False``), the others an empty dict. Keys, order, dtypes and values equal the
-    single-process ``packed_state_dict`` of the same parameters.
+    ``rank0_only=False``), the others an empty dict. The same builder as the single-process
+    export, so keys, order, dtypes and values are those of ``packed_state_dict``.
     """
-    layers = dict(_check_exportable(model))
     keep = not rank0_only or _rank() == 0
-    skip = tuple(f"{n}." for n in layers)
-    state: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, (owner, attr) in _state_owners(model).items():
-        if key.startswith(skip) or key.startswith("_"):
-            continue
-        ref = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
-        if ref is None or id(ref) in seen:
-            continue  # a tied weight (lm_head = embeddings): saved once, as packed_state_dict does
-        seen.add(id(ref))
-        with full_parameters(owner, recurse=False):
-            t = owner._parameters[attr] if attr in owner._parameters else owner._buffers[attr]
-            if keep:
-                state[key] = t.detach().to("cpu", copy=True).contiguous()
-    for name, layer in layers.items():
-        with full_parameters(layer):
-            tensors = layer_export_tensors(name, layer)
-        if keep:
-            state.update({k: v.to("cpu") for k, v in tensors.items()})
-    return state
+    return packed_state_dict(model, gather=full_parameters, keep=keep, device="cpu")
 
 
 def export_sharded(model: nn.Module, out_dir: str | Path, **export_kwargs) -> Path:

@@ -41,7 +41,7 @@ def results(tmp_path_factory):
     tiny_llama_dir(out / "model")  # for the main job (zero3_job)
     text_file(out / "data.txt")
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+               OMP_NUM_THREADS="1")  # the worker appends the repo root itself, last
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
            f"--master_port={_free_port()}", str(WORKER), str(out)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)

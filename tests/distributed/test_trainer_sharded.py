@@ -40,8 +40,9 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(folder):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT))
+    # No PYTHONPATH: the worker appends the repo root itself, last (its kernels/ folder would
+    # shadow the PyPI package `kernels` that transformers imports).
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
            f"--master_port={_free_port()}", str(WORKER), str(folder)]
     # ~40 s on 2 cores; a collective entered by one rank only (a rank-0-only gather) hangs instead

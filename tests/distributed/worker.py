@@ -38,7 +38,7 @@ def global_loss(loss: torch.Tensor) -> float:
 
 def full_raw_params(model) -> dict[str, torch.Tensor]:
     """Every parameter, full, on CPU (test-only: a tiny model) to re-export in one process."""
-    from qat.trainers.sharded_export import full_parameters
+    from qat.trainers.gather import full_parameters
 
     with full_parameters(model):
         return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
