@@ -25,6 +25,7 @@ from qat.adapters.lora import LoRAAdapter
 from qat.adapters.peft_format import detached_outside, export_with_peft, save_peft
 from qat.adapters.wht import WHTAdapter
 from qat.quant_linear import QuantLinear
+from qat.surgery import quant_layers
 
 KINDS = ("lora", "wht")
 CONFIG_FILE = "qat_adapter_config.json"
@@ -94,7 +95,7 @@ class AdapterConfig:
 
 
 def _targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, QuantLinear]]:
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    layers = quant_layers(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layers: run qat.quantize_model(model, ...) before attach")
     names = [n for n, _ in layers]
@@ -117,17 +118,49 @@ def attach(model: nn.Module, config: AdapterConfig, calib: dict | None = None,
 
     Error-aware inits need ``float_weights`` (name -> W [out, in], the weights before quantization)
     and, for loftq_act / qwha / refine, ``calib`` (name -> X [N, in], from :func:`collect_inputs`).
-    All adapters are built before any is attached, so a bad layer leaves the model untouched.
+    All or nothing: all adapters are built before any is attached, and if an init fails the
+    layers get their adapters and frozen bases (LoftQ rewrites them) back as they were. A model
+    that already carries adapters is refused: a second config would describe only some of them.
     """
     chosen = _targets(model, config)
+    taken = [n for n, layer in quant_layers(model) if layer.adapter is not None]
+    if taken:
+        raise ValueError(f"{taken[0]} already has an adapter: merge(model) first, or attach to a "
+                         "freshly quantized model (one attach per model, so its config describes "
+                         "every adapter)")
     built = [(n, layer, _build(layer, config, n)) for n, layer in chosen]
-    for name, layer, adapter in built:
-        layer.adapter = adapter
-        W = None if float_weights is None else float_weights.get(name)
-        X = None if calib is None else calib.get(name)
-        initialise(layer, adapter, config.init, W=W, X=X, iters=config.init_iters, steps=config.init_steps)
-    model.qat_adapter_config = config
+    saved = [(layer, _frozen_base(layer)) for _, layer, _ in built]
+    try:
+        for name, layer, adapter in built:
+            layer.adapter = adapter
+            W = None if float_weights is None else float_weights.get(name)
+            X = None if calib is None else calib.get(name)
+            initialise(layer, adapter, config.init, W=W, X=X, iters=config.init_iters,
+                       steps=config.init_steps)
+    except BaseException:
+        for layer, base in saved:
+            layer.adapter = None
+            _restore_base(layer, base)
+        raise
+    model.qat_adapter_config = dataclasses.replace(config)  # a copy: later edits of config don't leak
     return {n: a for n, _, a in built}
+
+
+def quant_layers_of(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def _frozen_base(layer: QuantLinear) -> list[torch.Tensor | None]:
+    """Copies of the tensors an init may rewrite in place (LoftQ stores Q(W - B A) as the base)."""
+    return [None if t is None else t.detach().clone()
+            for t in (layer.base_packed, layer.base_scale, layer.base_zero_point)]
+
+
+@torch.no_grad()
+def _restore_base(layer: QuantLinear, base: list[torch.Tensor | None]) -> None:
+    for t, old in zip((layer.base_packed, layer.base_scale, layer.base_zero_point), base):
+        if t is not None:
+            t.copy_(old)
 
 
 @torch.no_grad()
@@ -149,6 +182,8 @@ def merge(model: nn.Module) -> int:
         layer.set_base(codes, scale.float(), None if zero is None else zero.float())
         layer.adapter = None
         count += 1
+    if count and hasattr(model, "qat_adapter_config"):
+        del model.qat_adapter_config  # every adapter is folded in (outside ones raise above)
     return count
 
 

@@ -7,6 +7,8 @@ from peft import LoraConfig
 from torch import nn
 
 import qat
+from qat.config import LayerSpec
+from qat.quant_linear import QuantLinear
 from qat.adapters import (AdapterConfig, LoRAAdapter, WHTAdapter, adapter_state_dict, attach, load_adapters,
                           merge, save_adapters)
 
@@ -111,3 +113,36 @@ def test_outside_lora_peft_roundtrip(tmp_path):
     # different association: fp32 round-off on logits of size ~1 -> 1e-5.
     torch.testing.assert_close(got, trained, atol=1e-5, rtol=1e-5)
     print("peft max |diff|", (got - trained).abs().max().item())
+
+
+def _two_layer_model():
+    torch.manual_seed(0)
+    spec = LayerSpec(bits=3, group_size=16)
+    return nn.Sequential(QuantLinear.from_linear(nn.Linear(64, 32), spec),
+                         QuantLinear.from_linear(nn.Linear(32, 64), spec))
+
+
+def test_attach_is_all_or_nothing():
+    """LoftQ rewrites each layer's frozen base as it goes; when a later layer's init fails (here:
+    no float weights for it), the earlier layers get their bases back and no adapter stays."""
+    model = _two_layer_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    W0 = torch.randn(32, 64) * 0.1                      # float weights for layer 0 only
+    with pytest.raises(ValueError):
+        attach(model, AdapterConfig(kind="lora", rank=4, placement="outside", init="loftq"),
+               float_weights={"0": W0})
+    assert all(layer.adapter is None for layer in model)
+    assert not hasattr(model, "qat_adapter_config")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_second_attach_is_refused_and_config_is_a_copy():
+    model = _two_layer_model()
+    config = AdapterConfig(kind="lora", rank=4, targets=[r"^0$"])
+    attach(model, config)
+    config.rank = 99                                     # the user's object, edited afterwards
+    assert model.qat_adapter_config.rank == 4
+    with pytest.raises(ValueError, match="0 already has an adapter: merge\\(model\\) first"):
+        attach(model, AdapterConfig(kind="lora", rank=2, targets=[r"^1$"]))
+    assert model[1].adapter is None and model.qat_adapter_config.rank == 4
