@@ -1,48 +1,46 @@
-"""GPU benchmark: fused Triton quant-linear vs the torch reference vs bf16 / bitsandbytes + LoRA.
+"""GPU benchmark of the path users get: QuantLinear under the default kernel mode ("auto",
+which on CUDA runs the ``torch.library`` ops ``qat::*`` and through them the Triton kernels) vs
+the torch reference path vs bf16 / bitsandbytes + LoRA.
 
     python scripts/benchmarks/kernels_gpu.py                       # the default sweep
     python scripts/benchmarks/kernels_gpu.py --tokens 2048 --bits 3 --shapes 4096x4096
     python scripts/benchmarks/kernels_gpu.py --peak-tflops 989 --peak-gbps 3350   # roofline columns
 
-For each weight shape it first checks the kernels against the torch reference at the first token
-count (codes, y, dX, step and LoRA gradients; it stops on a mismatch: the first GPU run is also
-the first compiled-kernel correctness run), then for each token count it times (median of
---iters runs, CUDA events):
+For each weight shape it first checks the public path against the reference path at the first
+token count (export codes, y, dX, step and LoRA gradients; it stops on a mismatch: the first GPU
+run is also the first compiled-kernel correctness run), then for each token count it times
+(median of --iters runs, CUDA events), every row through qat's public entry points:
 
   forward (inside LoRA of rank --rank on the quantized layer)
-    fwd_inD      qat::quant_linear_fwd through Triton, D = scaling * B A formed per tile in
-                 registers from the factors (what dispatch runs for a plain LoRA)
-    fwd_denseD   the same kernel reading a dense fp32 D, including building D = (B @ A) * scaling
-                 in torch first (what dispatch ran before the in-kernel D)
-    ref_fwd      reference: unpack + dequant + fake-quant in torch, then F.linear
-    dq+linear    Triton W_hat kernel (in-kernel D), then cuBLAS F.linear (the unfused alternative)
-  backward
-    dx_inD       dX = grad_y @ W_hat through Triton, in-kernel D
-    dx_denseD    the same from a dense D built in torch (timed with the build)
-    grads_inD    qat::quant_linear_grads through Triton, in-kernel D: step / zero-point
-                 gradients and LoRA dA, dB from G = grad_y^T x reduced tile by tile (no dense
-                 G, W_hat or D)
-    grads_denseD the same reading a dense D built in torch (timed with the build)
-    ref_grads    the op's torch reference: dense W0 + D, G, the LSQ formulas, dA / dB
+    fwd          layer(x) without grad: dispatch.quant_linear -> qat::quant_linear_fwd, D formed
+                 per tile in registers from the LoRA factors
+    ref_fwd      the same call under use_kernels("reference"): unpack + dequant + fake-quant in
+                 torch, then F.linear
+    dq+linear    dispatch.fake_quant_weight (qat::dequant_fakequant), then cuBLAS F.linear (the
+                 unfused alternative)
+  backward (what QuantLinear's recomputed backward calls, dispatch.quant_linear_backward)
+    dx           dX = grad_y @ W_hat (qat::quant_linear_dx)
+    grads        step / zero-point gradients and LoRA dA, dB from G = grad_y^T x reduced tile by
+                 tile (qat::quant_linear_grads; no dense G, W_hat or D)
   a whole training step of the layer (forward + backward, LoRA inside)
-    step_fused   QuantLinear with use_kernels("triton")
-    step_ref     QuantLinear with use_kernels("reference") (autograd through the dense W_hat)
+    step_fused   QuantLinear under the default mode
+    step_ref     QuantLinear under use_kernels("reference") (autograd through the dense W_hat)
     step_bf16    bf16 F.linear over a dense frozen weight + a trainable LoRA branch (baseline c)
     step_bnb     bitsandbytes NF4 Linear4bit + the same LoRA branch (baseline b; "n/a" when
                  bitsandbytes is missing or fails)
 
-and prints a table with the GPU's name, plus the ratios the issue's targets are stated in
-(fused step vs bnb: target >= 2x; vs bf16: target <= 1.3x), and "inD gain": the dense-D
-forward + dX + grads time over the in-kernel-D one (> 1: forming D in registers pays). With
+and prints a table with the GPU's name and the path taken ("op" on CUDA), plus the ratios the
+issue's targets are stated in (fused step vs bnb: target >= 2x; vs bf16: target <= 1.3x). With
 --peak-tflops / --peak-gbps it adds the fraction of the matmul roofline (2MNK flops for the
-forward, 4MNK for dX + G) and of memory bandwidth (the bytes each fused kernel must move at
+forward, 4MNK for dX + G) and of memory bandwidth (the bytes the fused forward must move at
 least) reached.
 A second table (--no-wht skips it) covers, for the shapes whose `in` has a Walsh-Hadamard size,
 the outside WHT adapter at the LoRA parameter count r * (in + out), fp32 values, 16-bit
 activations:
 
-  wht: fwht_kern   the one-pass Triton transform z = c/n x H^T (qat::fwht, fp32 out)
-       fwht_torch  the torch reference transform (GEMM-blocked fwht in fp32)
+  wht: fwht_kern   dispatch.fwht under the default mode: z = c/n x H^T through qat::fwht (the
+                   one-pass Triton transform, fp32 out)
+       fwht_torch  the same call under "reference" (GEMM-blocked fwht in fp32)
        fwd_kern / fwd_torch    adapter forward: transform + CSR sparse projection
        step_kern / step_torch  adapter forward + backward (d values, dx)
        step_lora   an outside LoRA branch of rank r (the same parameter count), forward + backward
@@ -52,16 +50,18 @@ A third table (--no-pack skips it; --pack-only runs it alone) times packing the 
 export, codes [out, in] int8 <-> int32 words (qat.packing's layout), for --pack-shapes and
 --pack-bits (straddling widths included: 3):
 
-  pack: pack_kern / pack_ref      qat::pack_int32's Triton kernel vs qat.packing.pack_int32
+  pack: pack_kern / pack_ref      dispatch.pack_int32 under the default mode (qat::pack_int32)
+                                  vs qat.packing.pack_int32
         unpack_kern / unpack_ref  the same for unpack_int32 (what the reference path runs on
                                   every forward and backward)
         GB/s                      codes (1 byte each) + words (4 bytes each) moved once, per time
   Each case first checks that the kernel's words and codes equal the reference's.
 
 Needs CUDA and triton; ``--help`` works without either. ``--device cpu`` runs every table under
-the Triton interpreter (TRITON_INTERPRET=1 must be set before start) with wall-clock timers: the
-figures mean nothing, it checks that the script itself runs (tests/benchmarks does this on tiny
-shapes, so a lent GPU's time is not spent on a script error).
+the Triton interpreter (TRITON_INTERPRET=1 must be set before start) with wall-clock timers and
+use_kernels("triton") in place of "auto" (on CPU "auto" is the reference): the figures mean
+nothing, it checks that the script itself runs (tests/benchmarks does this on tiny shapes, so a
+lent GPU's time is not spent on a script error).
 """
 
 from __future__ import annotations
@@ -167,41 +167,45 @@ def _bnb_step(w_dense, lora_a, lora_b, scaling, dtype, dev):
         return None
 
 
-def check_against_reference(x, gy, fused, weight, lora_args, lsq):
-    """Before timing a shape: the compiled kernels against the torch reference, so the first GPU
-    run is also a correctness run (the CI tests only ever run the kernels in the interpreter).
-    Raises on a mismatch. Tolerances, relative to each tensor's largest entry:
-      codes   only rounding-boundary flips: the in-register D rounds apart from torch's B @ A
-              (docs/KERNELS.md, "Exactness"), at most 1e-4 of the codes
-      y, dX   2e-2: both sides round to the 16-bit activation dtype (2^-8 relative) and sum in
-              different orders; a wrong tile or step is off by O(1)
-      grads   1e-2: the reference gets fp32 copies of grad_y and x, so both sides form
-              G = grad_y^T x in fp32 from the same (exact) products and differ only in summation
-              order, ~T u relative (3e-5 at 512 tokens); a wrong group sum or mask is off by O(1)
-    Returns a one-line summary."""
-    import torch
-    import torch.nn.functional as F
+def _step(layer, x, gy, mode):
+    """(y, dX, {parameter: grad}) of one forward + backward of ``layer`` under ``mode``."""
+    from qat.kernels import dispatch
 
-    from qat.kernels import ops
-    from qat.kernels import triton_kernels as TK
+    for p in layer.parameters():
+        p.grad = None
+    xg = x.clone().requires_grad_()
+    with dispatch.use_kernels(mode):
+        y = layer(xg)
+        y.backward(gy)
+    return y.detach(), xg.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+
+def check_against_reference(layer, x, gy, mode):
+    """Before timing a shape: the public path under ``mode`` against the reference path, so the
+    first GPU run is also a correctness run (the CI tests only ever run the kernels in the
+    interpreter). Raises on a mismatch. Tolerances, relative to each tensor's largest entry
+    (tests/gpu/test_public_path.py says why): codes at most 1e-4 flipped (the in-register D
+    rounds apart from torch's B @ A); y, dX 2e-2 (both round to the 16-bit activation dtype);
+    grads 5e-2 (the reference forms G and the step gradient in the 16-bit dtypes). Returns a
+    one-line summary."""
+    from qat.kernels import dispatch
 
     def rel(a, b):
         return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
-    codes_k, codes_r = TK.quant_codes(*fused), ops.reference_codes(*fused)
-    flipped = (codes_k != codes_r).sum().item()
-    w_ref = ops.reference_w_hat(*fused).to(x.dtype)
-    errs = {"y": rel(TK.quant_linear_fwd(x, *fused), F.linear(x, w_ref)),
-            "dX": rel(TK.quant_linear_dx(gy, *fused), gy @ w_ref)}
-    got = TK.quant_linear_grads(gy, x, *weight, lsq, *lora_args, False)
-    want = ops.reference_grads(gy.float(), x.float(), *weight, lsq, *lora_args, False)
-    for name, i in (("d step", 0), ("dA", 3), ("dB", 4)):
-        errs[name] = rel(got[i], want[i])
-    bad = [k for k, e in errs.items() if e > (2e-2 if k in ("y", "dX") else 1e-2)]
-    if flipped > 1e-4 * codes_r.numel() or bad:
-        raise SystemExit(f"kernel check failed: {flipped} of {codes_r.numel()} codes differ; "
+    with dispatch.use_kernels(mode):
+        codes = dispatch.quant_codes(layer)
+    with dispatch.use_kernels("reference"):
+        codes_ref = dispatch.quant_codes(layer)
+    flipped = (codes != codes_ref).sum().item()
+    (y, dx, grads), (y_ref, dx_ref, grads_ref) = _step(layer, x, gy, mode), _step(layer, x, gy, "reference")
+    errs = {"y": rel(y, y_ref), "dX": rel(dx, dx_ref)}
+    errs.update({f"d {name}": rel(grads[name], grads_ref[name]) for name in grads_ref})
+    bad = [k for k, e in errs.items() if e > (2e-2 if k in ("y", "dX") else 5e-2)]
+    if flipped > 1e-4 * codes_ref.numel() or bad or grads.keys() != grads_ref.keys():
+        raise SystemExit(f"kernel check failed: {flipped} of {codes_ref.numel()} codes differ; "
                          f"relative errors {errs}")
-    return (f"check: {flipped} of {codes_r.numel()} codes differ; "
+    return (f"check: {flipped} of {codes_ref.numel()} codes differ; "
             + ", ".join(f"{k} {e:.1e}" for k, e in errs.items()))
 
 
@@ -217,39 +221,31 @@ def main(argv=None):
     if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("--device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
+    mode = kernel_mode(dev)
     if args.pack_only:
         pack_table(args, dev)
         return 0
-    from qat import primitives as P
-    from qat.kernels import dispatch, ops
-    from qat.kernels import triton_kernels as TK
+    from qat.kernels import dispatch
 
     dtype = getattr(torch, args.dtype)
     device_name = torch.cuda.get_device_name() if dev == "cuda" else "CPU, Triton interpreter (smoke run)"
     print(f"GPU: {device_name}  torch {torch.__version__}  dtype {args.dtype}  "
           f"bits {args.bits} storage {args.storage_bits or args.bits} group {args.group_size} "
-          f"{'asym' if args.asymmetric else 'sym'}  LoRA rank {args.rank}  median of {args.iters}")
-    timed = ["fwd_inD", "fwd_denseD", "ref_fwd", "dq+linear", "dx_inD", "dx_denseD", "grads_inD",
-             "grads_denseD", "ref_grads", "step_fused", "step_ref", "step_bf16", "step_bnb"]
-    cols = ["shape", "tokens", *timed, "vs bnb", "vs bf16", "inD gain"]
+          f"{'asym' if args.asymmetric else 'sym'}  LoRA rank {args.rank}  median of {args.iters}  "
+          f"mode {mode!r}")
+    timed = ["fwd", "ref_fwd", "dq+linear", "dx", "grads", "step_fused", "step_ref", "step_bf16",
+             "step_bnb"]
+    cols = ["shape", "tokens", *timed, "vs bnb", "vs bf16"]
     if args.peak_tflops:
         cols += ["fwd %mm", "bwd %mm"]
     if args.peak_gbps:
         cols += ["fwd %bw"]
-    print(" | ".join(f"{c:>11}" for c in cols))
+    header = " | ".join(f"{c:>11}" for c in cols)
     for shape in args.shapes:
         out_f, in_f = (int(v) for v in shape.lower().split("x"))
         layer, w_dense = _layer(out_f, in_f, args, dtype, dev)
         lora = layer.adapter
-        fused = dispatch.kernel_args(layer)              # weight args (no D) + the LoRA factors
-        weight, lora_args = fused[:12], fused[12:]
-        lsq = P.lsq_grad_scale(layer.group_size, args.bits)
-
-        def dense():
-            """Weight args with a dense D built in torch now, as dispatch did before the
-            in-kernel D (so the dense-D rows pay for the build, as training did)."""
-            with torch.no_grad():
-                return dispatch.weight_args(layer, lora.delta_weight())
+        trainables = layer.trainable_tensors()
         # bf16 / bnb baselines: a frozen dense weight plus a trainable LoRA branch
         a16 = lora.lora_A.detach().to(dtype).clone().requires_grad_()
         b16 = lora.lora_B.detach().to(dtype).clone().requires_grad_()
@@ -258,11 +254,23 @@ def main(argv=None):
             x = torch.randn(m, in_f, device=dev, dtype=dtype)
             gy = torch.randn(m, out_f, device=dev, dtype=dtype)
             xg = x.clone().requires_grad_()
+            with dispatch.use_kernels(mode):
+                path = dispatch.kernel_path(layer, x)
+            if dev == "cuda" and path != "op":
+                raise SystemExit(f"{shape}: the default mode took the {path!r} path, not the ops: "
+                                 "is triton installed for this GPU?")
             if m == args.tokens[0]:
-                print(f"{shape}: " + check_against_reference(x, gy, fused, weight, lora_args, lsq), flush=True)
+                print(f"{shape}: path {path!r}, " + check_against_reference(layer, x, gy, mode), flush=True)
+                print(header, flush=True)
 
-            def step(mode):
-                with dispatch.use_kernels(mode):
+            def run(fn, run_mode=mode):
+                def timed_call():
+                    with dispatch.use_kernels(run_mode), torch.no_grad():
+                        fn()
+                return timed_call
+
+            def step(run_mode):
+                with dispatch.use_kernels(run_mode):
                     layer(xg).backward(gy)
 
             def step_bf16():
@@ -270,16 +278,13 @@ def main(argv=None):
                 y.backward(gy)
 
             t = {
-                "fwd_inD": lambda: TK.quant_linear_fwd(x, *fused),
-                "fwd_denseD": lambda: TK.quant_linear_fwd(x, *dense()),
-                "ref_fwd": lambda: F.linear(x, ops.reference_w_hat(*fused).to(dtype)),
-                "dq+linear": lambda: F.linear(x, TK.dequant_fakequant(*fused)),
-                "dx_inD": lambda: TK.quant_linear_dx(gy, *fused),
-                "dx_denseD": lambda: TK.quant_linear_dx(gy, *dense()),
-                "grads_inD": lambda: TK.quant_linear_grads(gy, x, *weight, lsq, *lora_args, False),
-                "grads_denseD": lambda: TK.quant_linear_grads(gy, x, *dense(), lsq, *lora_args, False),
-                "ref_grads": lambda: ops.reference_grads(gy, x, *weight, lsq, *lora_args, False),
-                "step_fused": lambda: step("triton"),
+                "fwd": run(lambda: layer(x)),
+                "ref_fwd": run(lambda: layer(x), "reference"),
+                "dq+linear": run(lambda: F.linear(x, dispatch.fake_quant_weight(layer).to(dtype))),
+                "dx": run(lambda: dispatch.quant_linear_backward(gy, x, layer, [], path)),
+                "grads": run(lambda: dispatch.quant_linear_backward(gy, x, layer, trainables, path,
+                                                                    need_dx=False)),
+                "step_fused": lambda: step(mode),
                 "step_ref": lambda: step("reference"),
                 "step_bf16": step_bf16,
             }
@@ -289,22 +294,19 @@ def main(argv=None):
             row = [shape, str(m)] + [f"{ms[k]:.3f}ms" if k in ms else "n/a" for k in timed]
             row.append(f"{ms['step_bnb'] / ms['step_fused']:.2f}x" if "step_bnb" in ms else "n/a")
             row.append(f"{ms['step_fused'] / ms['step_bf16']:.2f}x")
-            in_d = ms["fwd_inD"] + ms["dx_inD"] + ms["grads_inD"]
-            row.append(f"{(ms['fwd_denseD'] + ms['dx_denseD'] + ms['grads_denseD']) / in_d:.2f}x")
             flops = 2.0 * m * out_f * in_f
             if args.peak_tflops:
                 peak = args.peak_tflops * 1e12
-                row.append(f"{flops / (ms['fwd_inD'] * 1e-3) / peak:.0%}")
-                bwd_ms = ms["dx_inD"] + ms["grads_inD"]
-                row.append(f"{2 * flops / (bwd_ms * 1e-3) / peak:.0%}")
+                row.append(f"{flops / (ms['fwd'] * 1e-3) / peak:.0%}")
+                row.append(f"{2 * flops / ((ms['dx'] + ms['grads']) * 1e-3) / peak:.0%}")
             if args.peak_gbps:
                 # least traffic of the forward: x and y once, the packed codes, steps and LoRA
                 # factors once (no D: it never leaves registers)
                 act = torch.finfo(dtype).bits // 8
-                nbytes = (m * (in_f + out_f) * act + weight[0].numel() * 4
-                          + 2 * weight[1].numel() * weight[1].element_size()
-                          + sum(t.numel() * t.element_size() for t in lora_args[:2]))
-                row.append(f"{nbytes / (ms['fwd_inD'] * 1e-3) / (args.peak_gbps * 1e9):.0%}")
+                nbytes = (m * (in_f + out_f) * act + layer.base_packed.numel() * 4
+                          + 2 * layer.base_scale.numel() * layer.base_scale.element_size()
+                          + sum(p.numel() * p.element_size() for p in lora.parameters()))
+                row.append(f"{nbytes / (ms['fwd'] * 1e-3) / (args.peak_gbps * 1e9):.0%}")
             print(" | ".join(f"{c:>11}" for c in row), flush=True)
     if not args.no_wht:
         wht_outside_table(args, dtype, dev)
@@ -313,12 +315,24 @@ def main(argv=None):
     return 0
 
 
+def kernel_mode(device: str) -> str:
+    """The mode users get on CUDA ("auto": the torch.library ops); "triton" for the CPU smoke
+    run, where "auto" would be the reference."""
+    return "auto" if device == "cuda" else "triton"
+
+
 def pack_table(args, device="cuda"):
     """Pack / unpack timings (the "pack:" block of the module docstring)."""
     import torch
 
     from qat import packing
-    from qat.kernels import packing_kernels as PK
+    from qat.kernels import dispatch
+
+    mode = kernel_mode(device)
+
+    def public(fn, *args):
+        with dispatch.use_kernels(mode):
+            return fn(*args)
 
     cols = ["shape", "bits", "pack_kern", "pack_ref", "pack GB/s", "unpack_kern", "unpack_ref",
             "unpack GB/s", "pack gain", "unpack gain"]
@@ -330,13 +344,13 @@ def pack_table(args, device="cuda"):
             half = 1 << (bits - 1)
             codes = torch.randint(-half, half, (out_f, in_f), dtype=torch.int8, device=device)
             words = packing.pack_int32(codes, bits)
-            if not (torch.equal(PK.pack_int32(codes, bits), words)
-                    and torch.equal(PK.unpack_int32(words, bits, in_f), codes)):
+            if not (torch.equal(public(dispatch.pack_int32, codes, bits), words)
+                    and torch.equal(public(dispatch.unpack_int32, words, bits, in_f), codes)):
                 raise AssertionError(f"pack kernels differ from qat.packing at {shape}, {bits} bits")
             t = {
-                "pack_kern": lambda: PK.pack_int32(codes, bits),
+                "pack_kern": lambda: public(dispatch.pack_int32, codes, bits),
                 "pack_ref": lambda: packing.pack_int32(codes, bits),
-                "unpack_kern": lambda: PK.unpack_int32(words, bits, in_f),
+                "unpack_kern": lambda: public(dispatch.unpack_int32, words, bits, in_f),
                 "unpack_ref": lambda: packing.unpack_int32(words, bits, in_f),
             }
             ms = {k: _median_ms(fn, args.iters, args.warmup) for k, fn in t.items()}
@@ -357,8 +371,10 @@ def wht_outside_table(args, dtype, device="cuda"):
     import torch
 
     from qat.adapters import LoRAAdapter, WHTAdapter
-    from qat.kernels import dispatch, ops
-    from qat.kernels import hadamard_kernels as HK
+    from qat.kernels import dispatch
+    from qat.kernels.support import fwht_tile
+
+    mode = kernel_mode(device)
 
     cols = ["shape", "tokens", "fwht_kern", "fwht_torch", "fwd_kern", "fwd_torch", "step_kern",
             "step_torch", "step_lora", "kern GB/s"]
@@ -366,7 +382,7 @@ def wht_outside_table(args, dtype, device="cuda"):
     print(" | ".join(f"{c:>11}" for c in cols))
     for shape in args.shapes:
         out_f, in_f = (int(v) for v in shape.lower().split("x"))
-        if dispatch.fwht_tile(in_f) is None:
+        if fwht_tile(in_f) is None:
             print(f"{shape:>11} | in = {in_f} has no Hadamard kernel width (qat.hadamard.factor)")
             continue
         wht = WHTAdapter(in_f, out_f, rank=args.rank, placement="outside", device=device)
@@ -379,20 +395,24 @@ def wht_outside_table(args, dtype, device="cuda"):
             xg = x.clone().requires_grad_()
             gy = torch.randn(m, out_f, device=device, dtype=dtype)
 
-            def step(adapter, mode):
-                with dispatch.use_kernels(mode):
+            def step(adapter, run_mode):
+                with dispatch.use_kernels(run_mode):
                     adapter(xg).backward(gy)
 
-            def fwd(mode):
-                with dispatch.use_kernels(mode), torch.no_grad():
+            def fwd(run_mode):
+                with dispatch.use_kernels(run_mode), torch.no_grad():
                     wht(x)
 
+            def transform(run_mode):
+                with dispatch.use_kernels(run_mode), torch.no_grad():
+                    dispatch.fwht(x, False, wht.coef, torch.float32)
+
             t = {
-                "fwht_kern": lambda: HK.fwht(x, False, wht.coef, torch.float32),
-                "fwht_torch": lambda: ops.reference_fwht(x, False, wht.coef, torch.float32),
-                "fwd_kern": lambda: fwd("triton"),
+                "fwht_kern": lambda: transform(mode),
+                "fwht_torch": lambda: transform("reference"),
+                "fwd_kern": lambda: fwd(mode),
                 "fwd_torch": lambda: fwd("reference"),
-                "step_kern": lambda: step(wht, "triton"),
+                "step_kern": lambda: step(wht, mode),
                 "step_torch": lambda: step(wht, "reference"),
                 "step_lora": lambda: step(lora, "reference"),
             }
