@@ -12,7 +12,8 @@ Where accelerate 1.15 refuses (read in ``accelerate/state.py``):
   trains with DDP instead.
 
 :func:`allow_fsdp_on_cpu` adds MULTI_CPU to that list and nothing else: after the original
-``__init__`` it does what the skipped branch would have done. Everything downstream - the
+``__init__`` it runs the skipped branch's own statements (``ADOPTION_BRANCH``, checked against
+the installed accelerate by test_cpu_accelerate.py). Everything downstream - the
 Trainer's FSDP2 path, ``accelerate``'s ``fsdp2_prepare_model`` / ``fully_shard`` on the default
 CPU mesh, its checkpointing - runs unmodified.
 
@@ -29,6 +30,17 @@ from __future__ import annotations
 import contextlib
 
 
+# The body of accelerate's FSDP-adoption branch (AcceleratorState.__init__, accelerate 1.16,
+# state.py) that MULTI_CPU never reaches, statement for statement. The copy below runs exactly
+# this; test_cpu_accelerate.py fails when accelerate's own branch stops matching it.
+ADOPTION_BRANCH = """
+self.distributed_type = DistributedType.FSDP
+if self._mixed_precision != "no" and fsdp_plugin is not None:
+    fsdp_plugin.set_mixed_precision(self._mixed_precision)
+self.fsdp_plugin = fsdp_plugin
+"""
+
+
 def allow_fsdp_on_cpu() -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
@@ -40,11 +52,8 @@ def allow_fsdp_on_cpu() -> None:
     def init(self, *args, fsdp_plugin=None, **kwargs):
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            # the body of the skipped `elif` (state.py, "self.distributed_type = DistributedType.FSDP")
-            self.distributed_type = DistributedType.FSDP
-            if self._mixed_precision != "no":
-                fsdp_plugin.set_mixed_precision(self._mixed_precision)
-            self.fsdp_plugin = fsdp_plugin
+            exec(ADOPTION_BRANCH, {"DistributedType": DistributedType},
+                 {"self": self, "fsdp_plugin": fsdp_plugin})
             PartialState._shared_state["distributed_type"] = self.distributed_type
 
     init._qat_cpu_fsdp = True
