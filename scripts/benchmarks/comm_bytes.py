@@ -43,6 +43,9 @@ from qat.trainers.fsdp import shard_model  # noqa: E402
 CONFIG = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
               num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=256)
 BATCH, SEQ, RANK = 1, 64, 16
+# --tiny: the same runs on a toy model, for the smoke test (tests/benchmarks); figures meaningless.
+TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
 def float_model() -> torch.nn.Module:
@@ -131,7 +134,10 @@ def table(rows: list[dict], world: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", help="write the table (and the raw counts as JSON beside it)")
+    parser.add_argument("--tiny", action="store_true", help="a toy model (smoke test; figures meaningless)")
     args = parser.parse_args()
+    if args.tiny:
+        CONFIG.update(TINY)
     dist.init_process_group("gloo")
     rows = []
     for name, build, quantized_grads in runs():

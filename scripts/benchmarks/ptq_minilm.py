@@ -36,7 +36,10 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--bits", nargs="+", type=float, default=None,
+                        help="only these widths of the settings grid (default: all)")
     args = parser.parse_args()
+    settings = [(b, sym) for b, sym in SETTINGS if args.bits is None or b in args.bits]
     transformers.logging.set_verbosity_error()
     path = minilm_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -44,7 +47,7 @@ def main() -> None:
     reference = sentence_embeddings(transformers.AutoModel.from_pretrained(path).eval(), tokenizer, sentences)
     rows = []
     print(f"{'bits':>5s} {'grid':>5s} {'init':>4s} {'cosine':>7s} {'nn-agree':>8s} {'bpw':>5s}")
-    for bits, symmetric in SETTINGS:
+    for bits, symmetric in settings:
         for init in ("rtn", "mse"):
             model = transformers.AutoModel.from_pretrained(path).eval()
             qat.quantize_model(model, qat.QuantConfig(bits=bits, group_size=args.group_size,

@@ -89,6 +89,21 @@ def build_args(a, bits, out, extra):
     return build_arguments(recipe_argv(a, bits, out, extra))
 
 
+def quant_layout(a, workdir: Path) -> dict:
+    """What the report says about the quantized model, read from the recipe every row uses and
+    the model itself (not written by hand): layers quantized, group, symmetry, adapter rank."""
+    import transformers
+
+    from qat.surgery import linear_layers
+
+    args = build_args(a, 4, workdir / "layout", {})
+    config = args.quant_config()
+    model = transformers.AutoModel.from_pretrained(args.model_name_or_path)
+    layers = [n for n, _ in linear_layers(model) if config.selects(n)]
+    return {"layers": len(layers), "group_size": config.group_size, "symmetric": config.symmetric,
+            "adapter_rank": args.adapter_rank}
+
+
 class Bench:
     """What every row shares: tokenizer, data, the float model's held-out embeddings."""
 
@@ -302,7 +317,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - start
     lr_overrides = {m: v["learning_rate"] for m, v in QAT_METHODS.items() if "learning_rate" in v}
     markdown, data = report(results, a, total, machine(), argv if argv is not None else sys.argv[1:],
-                            lr_overrides)
+                            lr_overrides, quant_layout(a, workdir))
     out = write_results("quality", markdown, data, a.out)
     plot(results, out / "quality.png")
     print(markdown)

@@ -339,8 +339,8 @@ def verdicts(rows: dict) -> list[str]:
               + rebuild_line(rows) + ". The backward also forms each layer's full weight gradient dY^T X "
               "(qat.quant_linear._RecomputedLinear), which the learned steps and the inside adapter need and float "
               "LoRA, whose base is frozen and whose adapter sits outside, never computes: a third matmul as large "
-              "as the forward's, so a first-order qat step costs about 1.5x float LoRA's projection matmuls before any "
-              "rebuild."]
+              "as the forward's. An estimate, not a measurement: counting matmuls of the forward's size, a "
+              "first-order qat step does three where float LoRA does two (about 1.5x) before any rebuild."]
     return lines
 
 

@@ -68,3 +68,11 @@ def test_unsupported_settings_say_why(run):
     assert data["results"]["3"]["qlora_nf4"] == {"not_run": "NF4 is 4-bit only"}
     assert "not run: NF4 is 4-bit only" in markdown
     assert "python scripts/benchmarks/quality.py --bits 4 3" in markdown and "CPU cores" in markdown
+
+
+def test_layout_is_read_from_the_run(run):
+    """The report's model description comes from the recipe and the model, not from prose:
+    all-MiniLM-L6-v2 has 6 layers x 6 linears (q, k, v, attention output, intermediate, output)."""
+    data, markdown, _ = run
+    assert data["layout"] == {"layers": 6 * 6, "group_size": 32, "symmetric": True, "adapter_rank": 8}
+    assert "its 36 encoder linears quantized, group 32, symmetric" in markdown and "LoRA rank 8" in markdown
