@@ -1,7 +1,7 @@
 """The LoRA tile inside the kernels (D = scaling * B A formed in registers), under TRITON_INTERPRET=1.
 
 What the kernels compute. For a plain inside LoRAAdapter the kernels take A [r, in], B [out, r]
-and scaling instead of a dense D, and form each element as (triton_kernels._lora_tile)
+and scaling instead of a dense D, and form each element as (triton_tiles.lora_tile)
     acc = fma(B[i, r-1], A[r-1, k], ... fma(B[i, 1], A[1, k], fma(B[i, 0], A[0, k], 0)))
     D   = fl(fl_lora(acc) * fl32(scaling))            (fl_lora: round to the factors' dtype)
 one fixed fp32 fma chain per element, whatever the tile. ``kernel_delta`` below emulates that
@@ -95,7 +95,7 @@ def fma32(b, a, c):
 
 
 def kernel_delta(lora) -> torch.Tensor:
-    """D [out, in] fp32 exactly as triton_kernels._lora_tile forms it (module docstring)."""
+    """D [out, in] fp32 exactly as triton_tiles.lora_tile forms it (module docstring)."""
     a, b = lora.lora_A.detach(), lora.lora_B.detach()
     acc = torch.zeros(b.shape[0], a.shape[1])
     for j in range(a.shape[0]):
