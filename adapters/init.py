@@ -242,7 +242,7 @@ def inside_loss_and_grad(layer, W: torch.Tensor, D: torch.Tensor, G: torch.Tenso
     w = layer.base_weight().to(G.dtype) + D
     w_hat = P.fake_quantize(w, scale.to(G.dtype), zero, layer.spec.bits, layer.group_size)
     qmin, qmax = P.qrange(layer.spec.bits)
-    v = P._grouped(w, layer.group_size) / scale.to(G.dtype).unsqueeze(-1)      # [out, G, g]
+    v = P.grouped(w, layer.group_size) / scale.to(G.dtype).unsqueeze(-1)      # [out, G, g]
     if zero is not None:
         v = v + P.round_zero_point(zero, layer.spec.bits).to(v.dtype).unsqueeze(-1)
     mask = ((v >= qmin) & (v <= qmax)).reshape(w.shape)

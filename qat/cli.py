@@ -73,10 +73,10 @@ def load_float_model(path: str):
 def cmd_quantize(args) -> int:
     """Post-training quantization (RTN or MSE steps) of a model, exported packed."""
     import qat
-    from qat.export import _prepare_target
+    from qat.export import prepare_target
 
     try:
-        _prepare_target(Path(args.out), args.overwrite)  # refuse before loading anything
+        prepare_target(Path(args.out), args.overwrite)  # refuse before loading anything
         config = _quant_config(args)
     except (ValueError, FileExistsError) as err:
         raise SystemExit(f"qat: {err}") from None
@@ -95,11 +95,11 @@ def cmd_quantize(args) -> int:
 def cmd_export(args) -> int:
     """Re-export a qat / compressed-tensors checkpoint (e.g. to re-shard) and optionally push it."""
     import qat
-    from qat.export import _prepare_target
+    from qat.export import prepare_target
 
     src, out = Path(args.checkpoint), Path(args.out)
     try:
-        _prepare_target(out, args.overwrite)
+        prepare_target(out, args.overwrite)
         model = qat.load_quantized(src)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"qat: {err}") from None

@@ -183,7 +183,7 @@ def packed_state_dict(model: nn.Module, gather=None, keep: bool = True,
     return state
 
 
-def _prepare_target(out_dir: Path, overwrite: bool) -> None:
+def prepare_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is a file: choose a folder path for the export")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -241,7 +241,7 @@ def export_model(
     gathered by ``qat.trainers.sharded_export``); None computes it here. Returns the export folder.
     """
     out_dir = Path(out_dir)
-    _prepare_target(out_dir, overwrite)
+    prepare_target(out_dir, overwrite)
     layers = _check_exportable(model)
     if source_dir is None and getattr(model, "name_or_path", None):
         source_dir = model.name_or_path

@@ -20,7 +20,7 @@ from qat.config import LayerSpec, QuantConfig
 from qat.export import QAT_CONFIG_FILE
 from qat.packing import packed_width, unpack_int32
 from qat.quant_linear import QuantLinear
-from qat.surgery import _set_submodule
+from qat.surgery import set_submodule
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -140,7 +140,7 @@ def load_quantized(path: str | Path, model_class=None, dtype: torch.dtype | None
     for name in names:
         args = _weight_args_for(name, qc)
         layer = _layer_from_tensors(name, tensors, args, recorded_layers.get(name, {}), dtype)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     quant_keys = tuple(f"{n}." for n in names)
     rest = {k: v for k, v in tensors.items() if not k.startswith(quant_keys)}
     missing, unexpected = model.load_state_dict(rest, strict=False)

@@ -107,15 +107,15 @@ def check_group_size(in_features: int, group_size: int | None, name: str = "laye
     return group_size
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """[out, in] -> [out, in/g, g] (a view)."""
     out_features, in_features = w.shape
     return w.reshape(out_features, in_features // group_size, group_size)
 
 
-def _scaled(w: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+def scaled(w: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
     """w / s per group, [out, G, g], in fp32 (fp64 when the steps are fp64)."""
-    wg = _grouped(w, group_size).to(scale.dtype if scale.dtype == torch.float64 else torch.float32)
+    wg = grouped(w, group_size).to(scale.dtype if scale.dtype == torch.float64 else torch.float32)
     return wg / scale.unsqueeze(-1).to(wg.dtype)
 
 
@@ -140,7 +140,7 @@ def fake_quantize(
         if zero_point is not None:
             zero_point = grad_scale(zero_point, lsq_scale)
     s = scale.unsqueeze(-1)  # [out, G, 1]
-    v = _scaled(w, scale, group_size)
+    v = scaled(w, scale, group_size)
     # Clamp before rounding, as LSQ defines it: the same values as round-then-clamp (integer
     # bounds), but the step gradient is Qp (not Qp - v) on [Qp, Qp + 0.5).
     if zero_point is not None:
@@ -177,9 +177,9 @@ def fake_quantize_backward(
     Returns (dw [out, in], ds [out, G], dz [out, G] or None) in that dtype.
     """
     qmin, qmax = qrange(bits)
-    v = _scaled(w, scale, group_size)                               # [out, G, g], the forward's
+    v = scaled(w, scale, group_size)                               # [out, G, g], the forward's
     ct = torch.promote_types(grad.dtype, v.dtype)
-    gg = _grouped(grad, group_size).to(ct)
+    gg = grouped(grad, group_size).to(ct)
     z = 0.0
     if zero_point is not None:
         z = round_zero_point(zero_point, bits).unsqueeze(-1).to(v.dtype)
@@ -215,7 +215,7 @@ def quantize_codes(
 ) -> torch.Tensor:
     """Integer codes [out, in] (int8) that :func:`fake_quantize` rounds ``w`` to, bit for bit."""
     qmin, qmax = qrange(bits)
-    v = _scaled(w, scale, group_size)
+    v = scaled(w, scale, group_size)
     if zero_point is not None:
         v = v + round_zero_point(zero_point, bits).unsqueeze(-1).to(v.dtype)
     # Same operation order as fake_quantize (add z, clamp, round) so ties round identically.
@@ -236,7 +236,7 @@ def dequantize(
     group_size: int,
 ) -> torch.Tensor:
     """``(q - z) * s`` in ``scale``'s dtype; ``codes`` [out, in] int, scale [out, in/g]."""
-    q = _grouped(codes, group_size).to(scale.dtype)
+    q = grouped(codes, group_size).to(scale.dtype)
     if zero_point is not None:
         q = q - round_zero_point(zero_point, bits).to(scale.dtype).unsqueeze(-1)
     return (q * scale.unsqueeze(-1)).reshape(codes.shape)
@@ -252,7 +252,7 @@ def init_absmax(
     Asymmetric: s = (max - min) / (qmax - qmin), z = qmin - round(min / s), range holding 0.
     Returns fp32 ``scale`` [out, G] and ``zero_point`` [out, G] (float holding integers) or None.
     """
-    wg = _grouped(w.float(), group_size)
+    wg = grouped(w.float(), group_size)
     tiny = torch.finfo(torch.float32).tiny * 1e6
     qmin, qmax = qrange(bits)
     if is_ternary(bits):
@@ -278,7 +278,7 @@ def init_mse(
     For ternary the search runs over [0.5, 2.0] x absmean, since absmean is not a clip bound.
     """
     base_scale, base_zero = init_absmax(w, bits, group_size, symmetric)
-    wg = _grouped(w.float(), group_size)
+    wg = grouped(w.float(), group_size)
     qmin, qmax = qrange(bits)
     best_err = torch.full(base_scale.shape, float("inf"), device=w.device)
     best_scale, best_zero = base_scale.clone(), None if base_zero is None else base_zero.clone()
@@ -292,7 +292,7 @@ def init_mse(
             scale = ((hi - lo) * ratio / (qmax - qmin)).clamp_min(torch.finfo(torch.float32).tiny * 1e6)
             zero = torch.clamp(qmin - torch.round(lo * ratio / scale), qmin, qmax)
         err = (fake_quantize(w.float(), scale, zero, bits, group_size) - w.float())
-        err = _grouped(err, group_size).pow(2).sum(-1)
+        err = grouped(err, group_size).pow(2).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

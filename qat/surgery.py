@@ -19,7 +19,7 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -57,7 +57,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
         w = module.weight.detach().float()
         w = w.t() if _is_conv1d(module) else w
         layer.quant_error = float((layer.fake_quant_weight().float() - w).norm() / w.norm().clamp_min(1e-12))
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     model.qat_config = config
     return model
 

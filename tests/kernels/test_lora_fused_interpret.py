@@ -108,7 +108,7 @@ def _codes_and_v(w, layer):
     """(codes [out, in] int8, v + z [out, in] fp32) that the quantizer gives pre-quant weight w."""
     scale, zero = layer.fake_quant_steps()
     g, bits = layer.group_size, layer.spec.bits
-    v = P._scaled(w, scale, g).reshape(w.shape)
+    v = P.scaled(w, scale, g).reshape(w.shape)
     if zero is not None:
         v = v + P.round_zero_point(zero, bits).repeat_interleave(g, 1)
     return P.quantize_codes(w, scale, zero, bits, g), v
