@@ -25,7 +25,7 @@ from qat.kernels import dispatch
 from qat.packing import packed_width
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's Conv1D: a linear layer whose weight is stored transposed, [in, out]."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -113,7 +113,7 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, spec: LayerSpec, name: str = "layer") -> "QuantLinear":
         """Quantize a float ``nn.Linear`` / ``Conv1D``: codes at storage_bits, steps at bits."""
         weight = linear.weight.detach()
-        if _is_conv1d(linear):
+        if is_conv1d(linear):
             weight = weight.t()  # Conv1D stores [in, out]
         out_features, in_features = weight.shape
         layer = cls(
@@ -121,7 +121,7 @@ class QuantLinear(nn.Module):
             dtype=weight.dtype if weight.is_floating_point() else torch.float32,
             device=weight.device, name=name,
         )
-        layer.source_type = "Conv1D" if _is_conv1d(linear) else "Linear"
+        layer.source_type = "Conv1D" if is_conv1d(linear) else "Linear"
         w = weight.float()
         g = layer.group_size
         grid = layer.base_grid_bits

@@ -7,12 +7,12 @@ from torch import nn
 
 from qat.config import QuantConfig
 from qat.primitives import check_group_size
-from qat.quant_linear import QuantLinear, _is_conv1d
+from qat.quant_linear import QuantLinear, is_conv1d
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every nn.Linear and GPT-2 Conv1D in the model."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
@@ -46,7 +46,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
     plans = []
     for name, module in chosen:
         spec = config.spec_for(name)
-        in_features = module.weight.shape[0] if _is_conv1d(module) else module.in_features
+        in_features = module.weight.shape[0] if is_conv1d(module) else module.in_features
         check_group_size(in_features, spec.group_size, name)  # fail before any layer changes
         plans.append((name, module, spec))
     for name, module, spec in plans:
@@ -55,7 +55,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
         if layer.weight_zero_point is not None:
             layer.weight_zero_point.requires_grad_(config.learn_zero_point)
         w = module.weight.detach().float()
-        w = w.t() if _is_conv1d(module) else w
+        w = w.t() if is_conv1d(module) else w
         layer.quant_error = float((layer.fake_quant_weight().float() - w).norm() / w.norm().clamp_min(1e-12))
         set_submodule(model, name, layer)
     model.qat_config = config
