@@ -29,6 +29,7 @@ from qat.adapters import LoRAAdapter, WHTAdapter
 from qat.config import LayerSpec
 from qat.kernels import dispatch, ops
 from qat.quant_linear import QuantLinear
+from tests.kernels.helpers import layer_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -55,17 +56,6 @@ def _layer(out_f=512, in_f=1024, bits=4, group=128, symmetric=False, dtype=torch
     return layer
 
 
-def _step(layer, x, gy, mode):
-    for p in layer.parameters():
-        p.grad = None
-    xg = x.clone().requires_grad_()
-    with dispatch.use_kernels(mode):
-        y = layer(xg)
-        y.backward(gy)
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return y.detach(), xg.grad, grads
-
-
 def test_auto_takes_the_op_path_on_cuda():
     """The premise of the other tests: on CUDA the default mode runs the torch.library ops."""
     pytest.importorskip("triton")
@@ -82,9 +72,8 @@ def test_layer_step_auto_vs_reference(symmetric, dtype):
     pytest.importorskip("triton")
     layer = _layer(symmetric=symmetric, dtype=dtype)
     x = torch.randn(4, 64, 1024, device="cuda", dtype=dtype)
-    gy = torch.randn(4, 64, 512, device="cuda", dtype=dtype)
-    y, dx, grads = _step(layer, x, gy, "auto")
-    y_ref, dx_ref, grads_ref = _step(layer, x, gy, "reference")
+    y, dx, grads = layer_step(layer, x, "auto")
+    y_ref, dx_ref, grads_ref = layer_step(layer, x, "reference")
     act_tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
     assert _rel(y, y_ref) < act_tol and _rel(dx, dx_ref) < act_tol
     assert grads.keys() == grads_ref.keys() and "adapter.lora_A" in grads

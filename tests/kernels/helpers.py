@@ -105,6 +105,6 @@ def layer_step(layer, x, mode):
     x = x.clone().requires_grad_()
     with dispatch.use_kernels(mode):
         y = layer(x)
-        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        (y * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return y.detach(), x.grad, grads
