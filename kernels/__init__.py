@@ -21,3 +21,23 @@ Modules named triton_* / *_kernels import triton: ``ops.launcher`` imports them 
 Imports flow one way: dispatch -> ops -> args, support -> qat.primitives / packing / hadamard.
 docs/KERNELS.md says what is built and which GPU figures are still missing.
 """
+
+# This folder is installed as `qat.kernels`. When the repository root is first on sys.path
+# (`python -m pytest`, `python -c ...` run from the checkout), `import kernels` would find this
+# folder instead of the PyPI package `kernels` that transformers >= 5 imports, and break
+# transformers. Imported under that name, hand the import over to the real package.
+if __name__ == "kernels":
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [p for p in _sys.path if _os.path.abspath(p or ".") != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None:
+        raise ImportError("the PyPI package `kernels` is not installed; run `pip install kernels` "
+                          "(transformers imports it), or import this folder as qat.kernels")
+    _real = _util.module_from_spec(_spec)
+    _sys.modules["kernels"] = _real  # the import system returns what sys.modules holds
+    _spec.loader.exec_module(_real)
