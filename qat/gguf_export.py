@@ -33,8 +33,9 @@ GGUF_FILE = "model.gguf"
 BLOCK = 32  # weights per Q4_0 / Q8_0 block, along the input dimension
 FLOAT_TYPES = ("f32", "f16")
 # transformers class -> (GGUF architecture, whether llama.cpp permutes q/k rows for its rotary layout).
-# Mistral is written as "llama" with "mistral" in general.name, as llama.cpp's converter does and
-# as transformers' GGUF reader expects.
+# Mistral is written as "llama", as llama.cpp's converter does; transformers reads it back as
+# LlamaForCausalLM (same weights and math; its Mistral branch, general.name == "mistral", fails with
+# gguf 0.19: "Unknown gguf model_type: mistral"), so the name is left as the user's.
 ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", True),
     "MistralForCausalLM": ("llama", True),
@@ -270,8 +271,6 @@ def export_gguf(
     layers = _check_exportable(model)
     source = source_dir or getattr(model, "name_or_path", None)
     name = name or (Path(str(source)).name if source else cls_name)
-    if cls_name.startswith("Mistral") and "mistral" not in name.lower():
-        name = f"mistral-{name}"  # transformers' reader tells Mistral from Llama by this name
     tensors = gguf_tensors(model, arch, permute, float_type)  # refusals happen here, before any file
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
