@@ -239,3 +239,27 @@ def test_other_architectures_and_busy_folders_are_refused(tmp_path, tokenizer_di
     with pytest.raises(FileExistsError, match="not empty"):
         export_gguf(_quantized(bits=4, group_size=32), busy, source_dir=tokenizer_dir)
     assert (busy / "keep.txt").read_text() == "mine"
+
+
+def test_cli_reexports_a_compressed_tensors_checkpoint_as_gguf(tmp_path, tokenizer_dir):
+    """`qat export CKPT --format gguf`: a compressed-tensors export trained with fp16 steps becomes
+    a GGUF with the same weights; one trained without them is refused in one sentence."""
+    from qat.cli import main as cli
+
+    src = tmp_path / "src"
+    model = qat_trained("llama", 4, src)
+    bpe_tokenizer(src)
+    w_hat = _w_hat(model)
+    qat.export_model(model, tmp_path / "ct", source_dir=src)
+    assert cli(["export", str(tmp_path / "ct"), "--format", "gguf", "--out", str(tmp_path / "gguf")]) == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=GGUF_FILE,
+                                                                 dtype=torch.float32)
+    state = reloaded.state_dict()
+    for name, weight in w_hat.items():
+        assert torch.equal(state[name + ".weight"], weight), name  # fp32 steps on disk, fp16 values: exact
+    plain = tiny("llama")
+    qat.quantize_model(plain, qat.QuantConfig(bits=4, group_size=32))
+    qat.export_model(plain, tmp_path / "ct32", source_dir=src)
+    with pytest.raises(SystemExit, match="steps are not fp16 values") as err:
+        cli(["export", str(tmp_path / "ct32"), "--format", "gguf", "--out", str(tmp_path / "gguf32")])
+    assert "\n" not in str(err.value) and not (tmp_path / "gguf32").exists()
