@@ -86,3 +86,47 @@ def test_llama_cpp_recipe_trains_fp16_steps_and_exports_exact_gguf(tmp_path):
     # The export itself refuses steps that are not fp16 values (test_gguf_export), so its existence
     # shows the run trained fp16 steps; its QAT row is measured on the GGUF reload.
     assert "perplexity" in metrics["rows"]["qat"]
+
+
+# ------------------------------------------------------------------ config fidelity (qat/export.py)
+@pytest.mark.parametrize("init,observer", [("mse", "mse"), ("rtn", "minmax")])
+def test_exported_config_says_what_qat_did(tmp_path, init, observer):
+    from importlib.metadata import version
+
+    from compressed_tensors.quantization import QuantizationArgs
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32, init=init))
+    qat.export_model(model, tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert weights["observer"] == observer and weights["scale_dtype"] == "torch.float32"
+    assert qc["version"] == version("compressed-tensors")
+    # compressed-tensors' own schema (extra fields forbidden) accepts every field written.
+    assert QuantizationArgs.model_validate(weights).observer == observer
+
+
+def test_reexport_of_a_foreign_checkpoint_keeps_its_config(tmp_path):
+    """An llm-compressor-style config (actorder static, its version, sparsity and transform
+    configs) survives `qat export` unchanged; the tensors are rewritten from the same codes."""
+    from qat.cli import main as cli
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32, init="rtn"))
+    qat.export_model(model, tmp_path / "foreign")
+    cfg_path = tmp_path / "foreign" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    qc = cfg["quantization_config"]
+    qc["version"] = "0.12.3.a20251114"
+    qc["config_groups"]["group_0"]["weights"].update(actorder="static", observer="minmax", observer_kwargs={})
+    qc["sparsity_config"] = {"format": "dense", "global_sparsity": 0.0, "sparsity_structure": "unstructured",
+                             "targets": [], "ignore": []}
+    qc["transform_config"] = {"config_groups": {}}
+    qc["global_compression_ratio"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    (tmp_path / "foreign" / "qat_config.json").unlink()  # another tool's checkpoint has none
+    assert cli(["export", str(tmp_path / "foreign"), "--out", str(tmp_path / "re")]) == 0
+    got = json.loads((tmp_path / "re" / "config.json").read_text())["quantization_config"]
+    assert got == qc
