@@ -79,6 +79,9 @@ def train_for_gguf(model: nn.Module) -> None:
 
 def _check_layer(name: str, layer: QuantLinear, scale: torch.Tensor) -> None:
     check_gguf_spec(layer.spec.bits, layer.group_size, layer.spec.symmetric, where=name)
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"{name} has non-finite steps (NaN or inf): training diverged; lower the step learning "
+                         "rate and retrain before exporting")
     as_fp16 = scale.to(torch.float16)
     if not (torch.isfinite(as_fp16).all() and torch.equal(as_fp16.to(scale.dtype), scale)):
         raise ValueError(

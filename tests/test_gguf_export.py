@@ -73,8 +73,10 @@ def qat_trained(kind: str, bits: int, folder, steps: int = 4):
     attach(model, AdapterConfig(rank=4, init="zero"))
     for _, layer in qat.quant_layers(model):  # non-zero B: D changes the codes from the first step
         torch.nn.init.normal_(layer.adapter.lora_B, std=0.02)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-2)
+    scales, lora = ([p for n, p in model.named_parameters() if p.requires_grad and ("weight_scale" in n) == want]
+                    for want in (True, False))
+    # Steps ~1e-2: an Adam lr of 1e-4 moves them by ~1% a step, enough to change fp16 values and codes.
+    opt = torch.optim.Adam([{"params": scales, "lr": 1e-4}, {"params": lora, "lr": 1e-2}])
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     model.train()
     for _ in range(steps):
