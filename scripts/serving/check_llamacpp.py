@@ -3,9 +3,10 @@
     bash scripts/serving/setup_llamacpp.sh                 # once: builds llama-cpp-python from its sdist
     python scripts/serving/check_llamacpp.py [--venv outputs/venvs/llamacpp] [--steps 400]
 
-1. Builds a tiny Llama (hidden 128, 4 layers) with a byte-level BPE trained on generated sentences,
-   quantizes it to W4 g32 (or --bits 8) with fp16 steps, attaches an inside LoRA and trains steps
-   and LoRA with QAT on next-token loss (so codes and steps are the trained ones, not the init).
+1. Builds a tiny Llama (hidden 128, 4 layers; scripts/serving/tiny_lm.py) with a byte-level BPE
+   trained on generated sentences, pre-trains it in float, quantizes it to W4 g32 (or --bits 8)
+   with fp16 steps, attaches an inside LoRA and trains steps and LoRA with QAT on next-token loss
+   (so codes and steps are the trained ones, not the init).
 2. Exports it with ``qat.gguf_export.export_gguf`` (Q4_0 / Q8_0 blocks of the trained codes).
 3. Runs the file in llama.cpp (llama-cpp-python, in its own venv, through ``--runner``): the same
    prompt token ids, greedy decoding by argmax of llama.cpp's own logits, and all logits.
@@ -28,7 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-PROMPTS = ["the llama serves", "exact quantization of", "blocks of codes and", "a runtime and the model"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_lm  # noqa: E402  (beside this script)
+
+PROMPTS = tiny_lm.PROMPTS
 
 
 def run_llamacpp(gguf_path: str, ref_path: str) -> None:
@@ -54,69 +58,13 @@ def run_llamacpp(gguf_path: str, ref_path: str) -> None:
     print(json.dumps(out))
 
 
-def _train(model, opt, data, steps: int) -> float:
-    import torch
-
-    model.train()
-    for _ in range(steps):
-        batch = data[torch.randint(0, len(data), (32,))]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return float(loss)
-
-
 def build_and_export(work: Path, bits: int, steps: int):
-    import random
+    from qat.gguf_export import export_gguf
 
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    import qat
-    from qat.adapters import AdapterConfig, attach
-    from qat.gguf_export import export_gguf, train_for_gguf
-
-    words = ["quant", "ization", "model", "weight", "step", "block", "llama", "serve", "train", "the", "a", "of",
-             "and", "runtime", "exact", "blocks", "codes", "scales", "serves"]
-    rng = random.Random(0)
-    # A tiny grammar, so the trained model has something to predict: "the X of Y and Z ."
-    texts = [" ".join(["the", rng.choice(words), "of", rng.choice(words), "and", rng.choice(words), "."])
-             for _ in range(2000)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    src = work / "src"
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=416, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   bos_token_id=0, eos_token_id=1)
-    model = transformers.LlamaForCausalLM(cfg)
-    # A little float pre-training first, so the model is not random noise.
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    ids_all = [fast(t).input_ids for t in texts]
-    length = min(len(x) for x in ids_all)
-    data = torch.tensor([x[:length] for x in ids_all])
-    print(f"float loss after {steps} steps: {_train(model, opt, data, steps):.4f}")
-    model.eval().save_pretrained(src)
-    fast.save_pretrained(src)
-    # QAT: W<bits> g32, fp16 steps, inside LoRA; steps and LoRA train.
-    model.requires_grad_(False)
-    qat.quantize_model(model, qat.QuantConfig(bits=bits, group_size=32))
-    train_for_gguf(model)
-    attach(model, AdapterConfig(rank=8, init="zero"))
-    steps_, lora = ([p for n, p in model.named_parameters() if p.requires_grad and ("weight_scale" in n) == want]
-                    for want in (True, False))
-    opt = torch.optim.Adam([{"params": steps_, "lr": 1e-5}, {"params": lora, "lr": 1e-3}])  # qat's recipe split
-    loss = _train(model, opt, data, steps)
-    model.eval()
-    print(f"QAT loss after {steps} steps: {loss:.4f}")
-    export_gguf(model, work / "gguf", source_dir=src, overwrite=True)
-    return model, fast
+    model, tok, data = tiny_lm.float_model(work / "src", steps)
+    model = tiny_lm.qat_train(model, data, steps, bits=bits, serving="llama.cpp")
+    export_gguf(model, work / "gguf", source_dir=work / "src", overwrite=True)
+    return model, tok
 
 
 def llamacpp_rounding(model):
