@@ -100,4 +100,24 @@ def add_vocab(writer, folder: Path, n_vocab: int) -> None:
     writer.add_token_types(types)
     if scores is not None:
         writer.add_token_scores(scores)
-    gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=n_vocab)
+    for kind_, token_id in special.special_token_ids.items():
+        if kind_ in ("bos", "eos") and kind_ not in special.add_special_token:
+            # Stated, not left to each reader's default (transformers' adds BOS to "llama" vocabularies).
+            special.add_special_token[kind_] = token_id in _template_ids(tokenizer_json)
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _template_ids(tokenizer_json: dict) -> set[int]:
+    """Ids of the special tokens tokenizer.json's post-processor adds around a single text."""
+    post = tokenizer_json.get("post_processor") or {}
+    steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    ids = set()
+    for step in steps:
+        if step.get("type") != "TemplateProcessing":
+            continue
+        for item in step.get("single", []):
+            name = item.get("SpecialToken", {}).get("id")
+            if name is not None:
+                ids.update(step.get("special_tokens", {}).get(name, {}).get("ids", []))
+    return ids

@@ -265,3 +265,51 @@ def test_cli_reexports_a_compressed_tensors_checkpoint_as_gguf(tmp_path, tokeniz
     with pytest.raises(SystemExit, match="steps are not fp16 values") as err:
         cli(["export", str(tmp_path / "ct32"), "--format", "gguf", "--out", str(tmp_path / "gguf32")])
     assert "\n" not in str(err.value) and not (tmp_path / "gguf32").exists()
+
+
+def spm_tokenizer(folder, add_bos: bool = True):
+    """A SentencePiece-style BPE (byte fallback, "▁" for spaces), as Llama 2 / Mistral ship."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    words = ["quant", "ization", "model", "weight", "step", "block", "llama", "serve", "the", "of", "and"]
+    rng = random.Random(1)
+    texts = [" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(300)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials))
+    fast = transformers.LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                           unk_token="<unk>", add_bos_token=add_bos)
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_sentencepiece_style_tokenizer_round_trip(tmp_path, add_bos):
+    src = tmp_path / "src"
+    source_tok = spm_tokenizer(src, add_bos)
+    model = tiny("llama")
+    qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32))
+    train_for_gguf(model)
+    export_gguf(model, tmp_path / "gguf", source_dir=src)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=GGUF_FILE)
+    for text in ["the llama serves the model.", "quantization of a weight step, \u00e9t\u00e9"]:  # byte fallback too
+        expected = source_tok(text).input_ids
+        # BOS as the source adds it: the GGUF states it (transformers' reader would add it by default)
+        assert (expected[0] == source_tok.bos_token_id) == add_bos
+        assert tok(text).input_ids == expected
+
+
+def test_config_transformers_would_misread_is_refused(tmp_path, tokenizer_dir):
+    """transformers' GGUF reader takes Qwen3's head_dim from the class default (128), not the file."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32))
+    train_for_gguf(model)
+    with pytest.raises(ValueError, match="rebuilds head_dim 128 where the model has 16"):
+        export_gguf(model, tmp_path / "out", source_dir=tokenizer_dir)
+    assert not (tmp_path / "out").exists()
