@@ -63,8 +63,11 @@ def _runner(python: Path, mode: str, path: Path, ref: dict, work: Path) -> tuple
                           capture_output=True, text=True, timeout=900, env=env, cwd=str(work))
     result = Path(str(ref_path) + ".out")
     if done.returncode != 0 or not result.exists():
-        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if "Error" in ln or "error" in ln]
-        return None, (lines[-1] if lines else done.stderr[-500:])
+        text = (done.stderr + done.stdout).splitlines()
+        # vLLM's reason lines ("Quant type (...) not supported by CPUWNA16 ...") follow its ValueError line
+        lines = [ln for ln in text if "not supported by" in ln or "not implemented for" in ln] or \
+                [ln for ln in text if "Error" in ln]
+        return None, (lines[-1].split("] ")[-1].strip() if lines else done.stderr[-500:])
     return json.loads(result.read_text()), ""
 
 
