@@ -72,9 +72,9 @@ def check_gguf_spec(bits: float, group_size: int | None, symmetric: bool, where:
 
 def train_for_gguf(model: nn.Module) -> None:
     """Round every QuantLinear's steps to fp16 in the forward, as a GGUF block stores them."""
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.step_dtype = torch.float16
+    from qat.serving import train_for_target
+
+    train_for_target(model, "llama.cpp", "gguf")
 
 
 def _check_layer(name: str, layer: QuantLinear, scale: torch.Tensor) -> None:

@@ -130,3 +130,22 @@ def test_reexport_of_a_foreign_checkpoint_keeps_its_config(tmp_path):
     assert cli(["export", str(tmp_path / "foreign"), "--out", str(tmp_path / "re")]) == 0
     got = json.loads((tmp_path / "re" / "config.json").read_text())["quantization_config"]
     assert got == qc
+
+
+def test_vllm_target_exports_fp16_steps(tmp_path):
+    """serving: vllm-cpu rounds the steps to fp16 in training, so the fp32 weight_scale written holds
+    fp16 values and vLLM's fp16 copy of it is the trained step, not a rounding of it."""
+    from safetensors.torch import load_file
+
+    from qat.trainers.run import quantize
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    quantize(_args(tmp_path, serving="vllm-cpu"), model)
+    assert all(layer.step_dtype == torch.float16 for _, layer in qat.quant_layers(model))
+    with torch.no_grad():
+        for _, layer in qat.quant_layers(model):  # move the fp32 master off fp16 values, as training does
+            layer.weight_scale.mul_(1.0001)
+    qat.export_model(model, tmp_path / "ct")
+    scales = [t for k, t in load_file(tmp_path / "ct" / "model.safetensors").items() if k.endswith("weight_scale")]
+    assert scales and all(s.dtype == torch.float32 and torch.equal(s, s.half().float()) for s in scales)
