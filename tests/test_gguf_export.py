@@ -313,3 +313,24 @@ def test_config_transformers_would_misread_is_refused(tmp_path, tokenizer_dir):
     with pytest.raises(ValueError, match="rebuilds head_dim 128 where the model has 16"):
         export_gguf(model, tmp_path / "out", source_dir=tokenizer_dir)
     assert not (tmp_path / "out").exists()
+
+
+def test_f16_float_tensors_halve_the_embeddings_and_keep_the_blocks(tmp_path, tokenizer_dir):
+    import gguf
+
+    model = _quantized(bits=4, group_size=32)
+    w_hat = _w_hat(model)
+    export_gguf(model, tmp_path / "f16", source_dir=tokenizer_dir, float_type="f16")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "f16" / GGUF_FILE)).tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32  # 1-D tensors stay F32 for llama.cpp
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "f16", gguf_file=GGUF_FILE,
+                                                                 dtype=torch.float32)
+    state = reloaded.state_dict()
+    emb = model.model.embed_tokens.weight
+    assert torch.equal(state["model.embed_tokens.weight"], emb.half().float())  # rounded, as asked
+    assert not torch.equal(emb.half().float(), emb)
+    for name, weight in w_hat.items():
+        assert torch.equal(state[name + ".weight"], weight), name  # the quantized blocks are unchanged
+    with pytest.raises(ValueError, match="float_type='bf16': use one of"):
+        export_gguf(model, tmp_path / "bf16", source_dir=tokenizer_dir, float_type="bf16")
