@@ -93,7 +93,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Re-export a qat / compressed-tensors checkpoint (e.g. to re-shard) and optionally push it."""
+    """Re-export a qat / compressed-tensors checkpoint (re-shard, or as GGUF) and optionally push it."""
     import qat
     from qat.export import prepare_target
 
@@ -103,7 +103,15 @@ def cmd_export(args) -> int:
         model = qat.load_quantized(src)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"qat: {err}") from None
-    qat.export_model(model, out, overwrite=args.overwrite, source_dir=src, max_shard_size=args.max_shard_size)
+    if args.format == "gguf":
+        from qat.gguf_export import export_gguf
+
+        try:
+            export_gguf(model, out, overwrite=args.overwrite, source_dir=src, float_type=args.gguf_float)
+        except ValueError as err:
+            raise SystemExit(f"qat: {err}") from None
+    else:
+        qat.export_model(model, out, overwrite=args.overwrite, source_dir=src, max_shard_size=args.max_shard_size)
     print(f"exported to {out}")
     if args.push_to_hub:
         from qat.hub import push_folder
@@ -140,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--format", choices=["compressed-tensors", "gguf"], default="compressed-tensors",
+                   help="gguf: one llama.cpp file, Q4_0 / Q8_0 blocks of the same codes (symmetric, group 32, fp16 steps)")
+    p.add_argument("--gguf-float", choices=["f32", "f16"], default="f32",
+                   help="GGUF type of the float tensors (embeddings, norms, head): f32 exact, f16 half the bytes")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this Hub repo")
     p.add_argument("--private", action="store_true")
     p.set_defaults(func=cmd_export)

@@ -84,6 +84,10 @@ class QATArguments(TrainingArguments):
     export_dir: str | None = field(default=None, metadata={"help": "default <output_dir>/export"})
     verify_export: bool = field(default=True, metadata={"help": "reload the export and compare outputs"})
     overwrite_output: bool = field(default=False, metadata={"help": "allow a non-empty output_dir"})
+    export_format: str | None = field(default=None, metadata={"help": "'compressed-tensors' or 'gguf' (llama.cpp "
+                                                                      "Q4_0/Q8_0); default: what `serving` reads"})
+    serving: str | None = field(default=None, metadata={"help": "runtime the export is for: transformers, vllm-gpu, "
+                                                                "vllm-cpu or llama.cpp; checked before training"})
 
     def __post_init__(self):
         # `optim: zo` is ours; the Trainer still gets a real optimizer name (SGD without momentum) whose
@@ -116,6 +120,12 @@ class QATArguments(TrainingArguments):
             raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
         self.adapter_config()
+        from qat.serving import check_serving  # the target's kernels take every layer format, or refuse now
+
+        self.export_format = check_serving(
+            self.serving, self.export_format, self.quant_config(), task=self.task,
+            outside_adapter=self.adapter != "none" and self.adapter_placement == "outside",
+            sharded=bool(self.fsdp) or bool(self.deepspeed))
         if self.deepspeed:  # refuse a config that would upcast the packed codes, before any engine exists
             from qat.trainers.deepspeed_utils import check_deepspeed_config
 

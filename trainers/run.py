@@ -96,6 +96,12 @@ def outside_adapter(args) -> bool:
 def reload_export(args, export_dir: Path):
     """The export as a user loads it: transformers (+ PeftModel for an outside adapter)."""
     adapter = adapter_dir_for(export_dir)
+    if args.export_format == "gguf":  # transformers dequantizes the GGUF blocks at load
+        import transformers
+        from qat.gguf_export import GGUF_FILE
+
+        return transformers.AutoModelForCausalLM.from_pretrained(export_dir, gguf_file=GGUF_FILE,
+                                                                 dtype=torch.float32).eval()
     if not outside_adapter(args):
         with materialized_loading(args):
             return load_model(str(export_dir), args.task).eval()
@@ -134,8 +140,12 @@ def calibrate(args: QATArguments, model, train_dataset) -> dict:
 
 def quantize(args: QATArguments, model):
     """Freeze everything, then swap the linear layers for QuantLinear (steps trainable); in place."""
+    from qat.serving import train_for_target
+
     model.requires_grad_(False)  # only steps and adapters train
-    return qat.quantize_model(model, args.quant_config())
+    qat.quantize_model(model, args.quant_config())
+    train_for_target(model, args.serving, args.export_format)  # steps rounded as the runtime stores them
+    return model
 
 
 def attach_adapters(args: QATArguments, model, calibration: dict) -> None:
@@ -201,6 +211,14 @@ def export(args, model, tokenizer, export_dir: Path, sharded: bool = False) -> N
     replace = args.overwrite_output or bool(args.resume_from_checkpoint)  # check_paths allowed it
     kw = dict(tokenizer=tokenizer, source_dir=args.model_name_or_path, overwrite=replace,
               recipe=args.qat_dict(), base_model=args.model_name_or_path)
+    if args.export_format == "gguf":
+        from qat.gguf_export import export_gguf
+
+        if sharded:
+            raise ValueError("GGUF export of sharded runs is not written yet: train data-parallel or on one device")
+        export_gguf(model, export_dir, tokenizer=tokenizer, source_dir=args.model_name_or_path, overwrite=replace,
+                    recipe=args.qat_dict())
+        return
     if sharded:
         from qat.trainers.sharded_export import export_sharded
 
