@@ -67,7 +67,7 @@ class QATArguments(TrainingArguments):
     calibration_samples: int = field(default=128, metadata={"help": "examples for error-aware adapter inits"})
     # ---------------------------------------------------------------- distillation
     distill: str = field(default="none", metadata={"help": f"teacher loss, one of {DISTILL_LOSSES}"})
-    distill_weight: float = field(default=1.0, metadata={"help": "loss = (1-w) task + w distill"})
+    distill_weight: float | None = field(default=None, metadata={"help": "loss = (1-w) task + w distill"})
     distill_temperature: float = field(default=1.0)
     # ---------------------------------------------------------------- zeroth-order (optim: zo)
     zo_eps: float = field(default=1e-3, metadata={"help": "SPSA perturbation size"})
@@ -99,6 +99,8 @@ class QATArguments(TrainingArguments):
                                      ("adapter", self.adapter, ("lora", "wht", "none"))):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}: use one of {allowed}")
+        if self.distill_weight is None:  # the labels count unless the user says otherwise (embedding has none)
+            self.distill_weight = 1.0 if self.task == "embedding" else 0.5
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight={self.distill_weight}: use a value in [0, 1]")
         if self.distill == "kl" and self.task == "embedding":
@@ -111,6 +113,7 @@ class QATArguments(TrainingArguments):
             raise ValueError("optim 'zo' with adapter 'none' has no adapters to perturb: set zo_targets: steps")
         if self.quantized_grads not in (None, "int8", "int4"):
             raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
+        check_data_parallel(self)
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
         self.adapter_config()
         if self.deepspeed:  # refuse a config that would upcast the packed codes, before any engine exists
@@ -136,6 +139,24 @@ class QATArguments(TrainingArguments):
         """The qat fields only (what a recipe file adds to TrainingArguments)."""
         base = {f.name for f in dataclasses.fields(TrainingArguments)}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in base}
+
+
+def check_data_parallel(args: TrainingArguments) -> None:
+    """Refuse a multi-process launch that would not be data parallel, before any work.
+
+    torchrun on a machine without GPUs starts the processes and the process group, but unless
+    ``use_cpu`` is set accelerate runs the job as distributed type NO: no gradient all-reduce, each rank
+    trains its share of the data alone and rank 0 saves a half-trained model.
+    """
+    import os
+
+    from accelerate.utils import DistributedType
+
+    started = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch for each process
+    if started > 1 and args.distributed_state.distributed_type == DistributedType.NO:
+        raise ValueError(f"{started} processes were started but accelerate runs this job without data parallelism "
+                         "(no GPU and use_cpu is false), so each would train alone: pass --use_cpu true "
+                         "(TrainingArguments(use_cpu=True)) to train data parallel on CPUs")
 
 
 def field_names() -> list[str]:
