@@ -112,6 +112,9 @@ class QATTrainer(Trainer):
                  **kwargs):
         if model is None:
             raise ValueError("QATTrainer needs model= (a model prepared by qat.get_qat_model or qat.quantize_model)")
+        if not any(isinstance(m, QuantLinear) for m in model.modules()):
+            raise ValueError("the model has no quantized layers: prepare it with qat.get_qat_model(model, lora_config, "
+                             "bits=4, group_size=32) (or give QATSFTTrainer peft_config=)")
         args = as_qat_arguments(args, model, self.args_class)
         teacher = resolve_teacher(model, teacher, args)  # before anything is frozen or moved
         check_trainable(model, parameter_role)
