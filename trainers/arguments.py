@@ -88,8 +88,8 @@ class QATArguments(TrainingArguments):
     adapter_dropout: float = field(default=0.0, metadata={"help":
         "Dropout on the adapter's input (outside placement only)."})
     adapter_placement: str = field(default="inside", metadata={"help":
-        "'inside' rounds the adapter with the weight and merges it into the export exactly; 'outside' adds it"
-        " after the quantized layer (QLoRA, peft format)."})
+        "Where the adapter sits: 'inside' rounds it with the weight and merges it into the export exactly; "
+        "'outside' adds it after the quantized layer (QLoRA, peft format)."})
     adapter_targets: list[str] = field(default_factory=lambda: [r".*"], metadata={"help":
         "Regexes of the quantized layers that get an adapter."})
     adapter_init: str = field(default="zero", metadata={"help":
@@ -101,16 +101,16 @@ class QATArguments(TrainingArguments):
         f"The loss to the float model (the teacher), one of {DISTILL_LOSSES}; 'none' trains on the labels "
         "only."})
     distill_weight: float | None = field(default=None, metadata={"help":
-        "w in loss = (1 - w) task + w distill; unset means 0.5 when there are labels, 1 for embedding."})
+        "The weight w in loss = (1 - w) task + w distill; unset means 0.5 when there are labels, 1 for embedding."})
     distill_temperature: float = field(default=1.0, metadata={"help": "The softmax temperature of the 'kl' loss."})
     # ---------------------------------------------------------------- zeroth-order (optim: zo)
-    zo_eps: float = field(default=1e-3, metadata={"help": "optim zo: the size of the SPSA perturbation."})
+    zo_eps: float = field(default=1e-3, metadata={"help": "With optim zo: the size of the SPSA perturbation."})
     zo_targets: str = field(default="adapters", metadata={"help":
-        f"optim zo: what is perturbed, one of {ZO_TARGETS}."})
+        f"With optim zo: what is perturbed, one of {ZO_TARGETS}."})
     zo_num_perturbations: int = field(default=1, metadata={"help":
-        "optim zo: perturbation directions averaged per step."})
+        "With optim zo: perturbation directions averaged per step."})
     zo_clip: float | None = field(default=None, metadata={"help":
-        "optim zo: clip the directional derivative to this size (QZO); unset means no clipping."})
+        "With optim zo: clip the directional derivative to this size (QZO); unset means no clipping."})
     # ---------------------------------------------------------------- distributed
     quantized_grads: str | None = field(default=None, metadata={"help":
         "FSDP2 only: reduce-scatter the gradients as 'int8' or 'int4' (stochastic rounding)."})
