@@ -285,3 +285,27 @@ def test_every_cli_option_has_help_and_no_learned_zero_points():
                 assert action.help and action.help[0].isupper() and action.help.endswith("."), (name, action.dest)
     assert "learned zero points" not in sub.choices["quantize"].format_help()
     assert "step" in parser.format_help() and "storage bits" in parser.format_help()
+
+
+# ---------------------------------------------------------------------------------------- CLI data formats
+def test_cli_reads_trl_prompt_completion_data_with_the_loss_on_the_completion():
+    from types import SimpleNamespace
+
+    from qat.trainers.data import IGNORE_INDEX, tokenize
+    from tests.trainers.helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    args = SimpleNamespace(task="causal_lm", messages_column="messages", text_column="text", packing=True,
+                           max_length=64)
+    plain = Dataset.from_dict({"prompt": ["What is a list?"], "completion": [" A sequence."]})
+    ex = tokenize(plain, tok, args, "rows")[0]
+    prompt, answer = tok("What is a list?")["input_ids"], tok(" A sequence.", add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"] == prompt + answer + [tok.eos_token_id]
+    assert ex["labels"] == [IGNORE_INDEX] * len(prompt) + answer + [tok.eos_token_id]
+    chat = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is a list?"}]],
+                              "completion": [[{"role": "assistant", "content": "A sequence."}]]})
+    ex = tokenize(chat, tok, args, "rows")[0]
+    kept = [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(kept) == "A sequence.</s>"  # the assistant turn and its end, nothing of the prompt
+    with pytest.raises(ValueError, match="`prompt` and `completion` columns"):
+        tokenize(Dataset.from_dict({"question": ["x"]}), tok, args, "rows")
