@@ -45,8 +45,13 @@ def _name_target(name: str) -> str:
     return "re:(?:.*\\.)?" + re.escape(name) + "$"
 
 
-def quantization_config(model: nn.Module) -> dict:
-    """The ``quantization_config`` block of config.json: one config group per distinct format."""
+def quantization_config(model: nn.Module, dequantize: bool = False) -> dict:
+    """The ``quantization_config`` block of config.json: one config group per distinct format.
+
+    ``dequantize``: transformers decompresses the packed layers to dense ``nn.Linear`` at load (same
+    numerics), which is what peft needs to put a LoRA on them (peft cannot wrap compressed-tensors'
+    compressed layers, which hold ``weight_packed`` and no ``weight``); vLLM ignores the key.
+    """
     layers = quant_layers(model)
     groups: dict[tuple, list[str]] = {}
     for name, layer in layers:
@@ -85,7 +90,7 @@ def quantization_config(model: nn.Module) -> dict:
         "ignore": ignore,
         "kv_cache_scheme": None,
     }
-    if any(not layer.spec.symmetric for _, layer in layers):
+    if dequantize or any(not layer.spec.symmetric for _, layer in layers):
         # transformers + compressed-tensors 0.20 build the compressed layout on the meta device,
         # where the asymmetric zero point is left unpacked ([out, G]) while the checkpoint holds
         # it packed along dim 0 ([ceil(out*b/32), G], the format vLLM reads): the plain load
@@ -271,6 +276,7 @@ def export_model(
     recipe: dict | None = None,
     base_model: str | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    dequantize_on_load: bool = False,
 ) -> Path:
     """Write ``model`` (with QuantLinear layers) as a compressed-tensors pack-quantized folder.
 
@@ -278,7 +284,8 @@ def export_model(
     tokenizer, generation config and sentence-transformers files; ``tokenizer`` is saved if given.
     ``recipe`` (any JSON-able dict: the training recipe) goes into the model card and
     ``qat_config.json``. ``state`` is a precomputed :func:`packed_state_dict` (a sharded model's,
-    gathered by ``qat.trainers.sharded_export``); None computes it here. Returns the export folder.
+    gathered by ``qat.trainers.sharded_export``); None computes it here. ``dequantize_on_load``: config.json
+    asks transformers to load the layers dense (for a peft adapter on top). Returns the export folder.
     """
     out_dir = Path(out_dir)
     prepare_target(out_dir, overwrite)
@@ -292,7 +299,7 @@ def export_model(
         state = packed_state_dict(model) if state is None else state
         _write_weights(state, tmp, max_shard_size)
         config = copy.deepcopy(model.config)  # the live model keeps its float config
-        config.quantization_config = keep_source_fields(quantization_config(model), source)
+        config.quantization_config = keep_source_fields(quantization_config(model, dequantize_on_load), source)
         config.architectures = [_architecture(model)]  # as save_pretrained records it
         config.save_pretrained(tmp)
         _copy_source_files(source, tmp)

@@ -105,13 +105,11 @@ def reload_export(args, export_dir: Path):
     if not outside_adapter(args):
         with materialized_loading(args):
             return load_model(str(export_dir), args.task).eval()
-    import transformers
     from peft import PeftModel
 
-    # peft wraps nn.Linear modules: decompress the packed base to dense layers first.
+    # The plain load a user does: the base's config.json asks for dense layers (peft wraps nn.Linear).
     with materialized_loading(args):
-        base = load_model(str(export_dir), args.task,
-                          quantization_config=transformers.CompressedTensorsConfig(run_compressed=False))
+        base = load_model(str(export_dir), args.task)
     return PeftModel.from_pretrained(base, str(adapter)).eval()
 
 
