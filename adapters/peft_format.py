@@ -74,9 +74,26 @@ def detached_outside(model: nn.Module):
 
 @torch.no_grad()
 def export_with_peft(model: nn.Module, out_dir: str | Path, adapter_dir: str | Path, **export_kw) -> None:
-    """qat.export_model of the base plus save_peft of the outside LoRAs."""
-    from qat.export import export_model
+    """qat.export_model of the base plus save_peft of the outside LoRAs, all or nothing: the adapter is
+    written first into a hidden folder, then the base, then the adapter is swapped into place (a
+    failure leaves no base without its adapter)."""
+    import shutil
 
-    with detached_outside(model):
-        export_model(model, out_dir, **export_kw)
-    save_peft(model, adapter_dir)
+    from qat import safety
+    from qat.export import _prepare_target, _swap_into_place, export_model
+
+    adapter_dir = Path(adapter_dir)
+    safety.clean_leftovers(adapter_dir)
+    _prepare_target(adapter_dir, export_kw.get("overwrite", False))
+    tmp = safety.hidden_temp(adapter_dir)
+    try:
+        with safety.signals_raise():
+            save_peft(model, tmp)  # refuses adapters peft cannot hold before the base is written
+            safety.write_marker(tmp, "qat export (peft adapter)")
+            safety.apply_umask(tmp)
+            with detached_outside(model):
+                export_model(model, out_dir, **export_kw)
+            _swap_into_place(tmp, adapter_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

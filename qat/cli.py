@@ -50,7 +50,7 @@ def _quant_config(args):
 
     return QuantConfig(
         bits=args.bits,
-        group_size=None if args.group_size <= 0 else args.group_size,
+        group_size=None if args.group_size == -1 else args.group_size,  # 0 / < -1: QuantConfig refuses
         symmetric=not args.asymmetric,
         init=args.init,
         exclude=args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE),
@@ -59,15 +59,22 @@ def _quant_config(args):
 
 
 def load_float_model(path: str):
-    """A float transformers model from a local folder (or a Hub id when online), in eval mode."""
+    """A float transformers model from a local folder (or a Hub id when online), in eval mode.
+
+    Never runs a model's own code (``auto_map``): only classes transformers ships are built."""
     import transformers
+
+    from qat.safety import check_model_folder, transformers_model_class
 
     if not Path(path).exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in path):
         raise SystemExit(f"qat: model path {path!r} does not exist: pass a local model folder or a Hub id")
-    config = transformers.AutoConfig.from_pretrained(path)
-    arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
-    cls = getattr(transformers, arch, transformers.AutoModel)
-    return cls.from_pretrained(path).eval()
+    try:
+        check_model_folder(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+        cls = transformers_model_class(config, path)
+        return cls.from_pretrained(path, trust_remote_code=False).eval()
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"qat: {err}".splitlines()[0]) from None
 
 
 def cmd_quantize(args) -> int:
@@ -76,7 +83,7 @@ def cmd_quantize(args) -> int:
     from qat.export import _prepare_target
 
     try:
-        _prepare_target(Path(args.out), args.overwrite)  # refuse before loading anything
+        _prepare_target(Path(args.out), args.overwrite, inputs=(args.model,))  # refuse before loading anything
         config = _quant_config(args)
     except (ValueError, FileExistsError) as err:
         raise SystemExit(f"qat: {err}") from None
@@ -99,7 +106,7 @@ def cmd_export(args) -> int:
 
     src, out = Path(args.checkpoint), Path(args.out)
     try:
-        _prepare_target(out, args.overwrite)
+        _prepare_target(out, args.overwrite, inputs=(src,))
         model = qat.load_quantized(src)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"qat: {err}") from None
