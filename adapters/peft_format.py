@@ -86,6 +86,7 @@ def export_with_peft(model: nn.Module, out_dir: str | Path, adapter_dir: str | P
     safety.clean_leftovers(adapter_dir)
     _prepare_target(adapter_dir, export_kw.get("overwrite", False))
     tmp = safety.hidden_temp(adapter_dir)
+    base_in_place = False
     try:
         with safety.signals_raise():
             save_peft(model, tmp)  # refuses adapters peft cannot hold before the base is written
@@ -93,7 +94,10 @@ def export_with_peft(model: nn.Module, out_dir: str | Path, adapter_dir: str | P
             safety.apply_umask(tmp)
             with detached_outside(model):
                 export_model(model, out_dir, **export_kw)
+            base_in_place = True
             _swap_into_place(tmp, adapter_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if base_in_place:  # a base without its trained adapter must not look like the export
+            shutil.rmtree(out_dir, ignore_errors=True)
         raise

@@ -167,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as err:  # disk full, read-only folder: the export is written beside and swapped in whole
+        raise SystemExit(f"qat: {err}; nothing was replaced (an export is written beside the target and "
+                         "swapped in whole): free space or fix the permissions and run it again") from None
 
 
 if __name__ == "__main__":

@@ -175,6 +175,10 @@ def checkpoint_problem(folder: str | Path, deep: bool = True) -> str | None:
     for name in (TRAINABLE_FILE, META_FILE):
         if not (folder / name).is_file():
             return f"it has no {name} (the save was cut short)"
+    if deep:
+        altered = _altered_tensors(folder)
+        if altered:
+            return altered
     if not (folder / MANIFEST_FILE).is_file():
         return None  # written before manifests existed: the checks above are all there is
     try:
@@ -190,6 +194,19 @@ def checkpoint_problem(folder: str | Path, deep: bool = True) -> str | None:
         if deep and _file_digest(path) != record["sha256"]:
             return f"{name} does not match the sha256 recorded when it was written (the file changed)"
     return None
+
+
+def _altered_tensors(folder: Path) -> str | None:
+    """The trainable tensors against the sha256 stored beside them (checkpoints written since issue 17)."""
+    from safetensors.torch import load_file
+
+    try:
+        sums = json.loads((folder / META_FILE).read_text()).get("checksums", {})
+        state = load_file(str(folder / TRAINABLE_FILE)) if sums else {}
+    except Exception as err:  # truncated / corrupt header or json
+        return f"it cannot be read ({type(err).__name__})"
+    altered = sorted(k for k, digest in sums.items() if k not in state or tensor_digest(state[k]) != digest)
+    return f"{altered[0]} does not match the sha256 stored with it (the file changed)" if altered else None
 
 
 def checkpoint_step(folder: str | Path) -> int | None:

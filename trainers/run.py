@@ -468,4 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (ValueError, NonFiniteLossError) as err:
         raise SystemExit(f"qat train: {err}") from None
+    except OSError as err:  # disk full, read-only folder, ...: checkpoints are whole or absent
+        raise SystemExit(f"qat train: {err}; the checkpoints written so far are whole: fix that, then resume "
+                         "with --resume_from_checkpoint true") from None
     return 0
