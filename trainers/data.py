@@ -9,7 +9,9 @@ Per task:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -39,7 +41,8 @@ def load_raw(spec: str, config: str | None = None, split: str = "train") -> Data
         if path.stat().st_size == 0:
             raise ValueError(f"dataset file {spec} is empty: point --dataset at a file with examples")
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+            with _quiet_datasets():  # its own error log would come before our sentence
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # datasets wraps the cause deep inside: find the line / byte ourselves
             raise ValueError(file_problem(path) or f"dataset file {spec} could not be read ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}); check its format") from None
@@ -58,6 +61,17 @@ def load_raw(spec: str, config: str | None = None, split: str = "train") -> Data
     except Exception as err:  # offline, unknown name, no such split: say what to pass instead
         raise ValueError(f"could not load dataset {spec!r} from the Hub ({type(err).__name__}: {err}); "
                          "pass a local file (txt/json/jsonl/parquet/csv) or a save_to_disk folder") from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def file_problem(path: Path) -> str | None:

@@ -87,6 +87,10 @@ def _coerce(key: str, value):
     return value
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last silently)."""
 
@@ -96,8 +100,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 line = key_node.start_mark.line + 1
-                raise ValueError(f"{key_node.start_mark.name}, line {line}: key {key!r} is set twice (first on "
-                                 f"line {seen[key]}): keep one")
+                raise _DuplicateKey(f"line {line}: key {key!r} is set twice (first on line {seen[key]}): keep one")
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -106,6 +109,8 @@ def read_yaml(text: str, where: str):
     """YAML text -> Python value; a syntax error or a repeated key is one sentence with file, line, column."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+    except _DuplicateKey as err:
+        raise ValueError(f"{where}, {err}") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
