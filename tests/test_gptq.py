@@ -62,11 +62,12 @@ def correlated_inputs(n_tokens, n_in, seed=0):
 @pytest.mark.parametrize("method", ["mse", "rtn"])
 def test_update_matches_float64_reference(bits, symmetric, group, act_order, method):
     torch.manual_seed(1)
-    W = torch.randn(24, 64)
-    X = correlated_inputs(200, 64)
+    # 160 inputs: wider than GPTQ's 128-column block, so the lazy update across blocks is checked
+    W = torch.randn(24, 160)
+    X = correlated_inputs(300, 160)
     X[:, 5] = 0  # a dead input: H_qq = 0 handled as GPTQ does
     H = X.double().T @ X.double()
-    g = group or 64
+    g = group or 160
     codes, scale, zero = gptq_quantize(W, H, bits, g, symmetric, method, damp=0.01, act_order=act_order)
     ref_codes, ref_scale, ref_zero = reference_gptq(W, H, bits, g, symmetric, method, 0.01, act_order)
     # Both run in float64 and differ only in summation order (~1e-13 relative): a code could flip
@@ -92,10 +93,9 @@ def test_gptq_lowers_output_error_vs_rtn(bits, symmetric, group, act_order):
     w_rtn = P.fake_quantize(W, s, z, bits, g)
     err_gptq = (X @ (W - w_gptq).T).norm()
     err_rtn = (X @ (W - w_rtn).T).norm()
-    # GPTQ minimises exactly this error; on correlated inputs it saves well over 10% at every
-    # width (observed 20-60%); at 8 bits the rounding noise is tiny either way, still lower.
-    margin = 0.97 if bits == 8 else 0.9
-    assert err_gptq < margin * err_rtn, (float(err_gptq), float(err_rtn))
+    # GPTQ minimises exactly this error; on these correlated inputs it saves 11-39% at every
+    # width (observed ratios 0.61-0.89, the least at ternary / int2): require a clear 7%.
+    assert err_gptq < 0.93 * err_rtn, (float(err_gptq), float(err_rtn))
 
 
 def test_dampening_is_relative_to_mean_diagonal():
