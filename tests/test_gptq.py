@@ -106,10 +106,11 @@ def test_dampening_is_relative_to_mean_diagonal():
 
 
 # ------------------------------------------------------------------------------------ whole models
-def tiny_bert(seed=0):
+def tiny_bert(seed=0, initializer_range=0.02):
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=128, max_position_embeddings=64)
+                                  intermediate_size=128, max_position_embeddings=64,
+                                  initializer_range=initializer_range)
     return transformers.BertModel(cfg).eval()
 
 

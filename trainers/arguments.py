@@ -47,7 +47,12 @@ class QATArguments(TrainingArguments):
     group_size: int = field(default=32, metadata={"help": "inputs per step; -1 = one step per output channel"})
     symmetric: bool = field(default=True)
     storage_bits: int | None = field(default=None, metadata={"help": "frozen base width; default = bits"})
-    quant_init: str = field(default="mse", metadata={"help": "step init: 'mse' or 'rtn'"})
+    quant_init: str = field(default="mse", metadata={"help": "step init: 'mse', 'rtn' or 'gptq' (error-compensating "
+                                                              "codes from calibration_samples training examples)"})
+    gptq_damp: float = field(default=0.01, metadata={"help": "quant_init gptq: dampening, share of the mean H diagonal"})
+    gptq_act_order: bool = field(default=False, metadata={"help": "quant_init gptq: columns by decreasing input "
+                                                                  "energy (static groups, plain group-wise export)"})
+    gptq_step_init: str = field(default="mse", metadata={"help": "quant_init gptq: step search per group, 'mse' or 'rtn'"})
     quant_include: list[str] = field(default_factory=lambda: [r".*"])
     quant_exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     quant_overrides: dict = field(default_factory=dict, metadata={"help": "{regex: {bits: 8, ...}}"})
@@ -67,7 +72,17 @@ class QATArguments(TrainingArguments):
     adapter_init_iters: int = field(default=AdapterConfig.init_iters, metadata={"help": "LoftQ alternations"})
     adapter_init_steps: int = field(default=AdapterConfig.init_steps,
                                     metadata={"help": "Adam steps of the inside 'refine' init"})
-    calibration_samples: int = field(default=128, metadata={"help": "examples for error-aware adapter inits"})
+    # ---------------------------------------------------------------- block-wise reconstruction (before training)
+    blockwise_steps: int = field(default=0, metadata={"help": "Adam steps per transformer block fitting its steps and "
+                                                              "adapters to the float block's outputs; 0 = off"})
+    blockwise_lr: float = field(default=1e-3, metadata={"help": "block-wise stage: learning rate of the adapters"})
+    blockwise_step_lr: float = field(default=1e-4, metadata={"help": "block-wise stage: learning rate of the steps"})
+    blockwise_target: str = field(default="float", metadata={"help": "'float': float block on the float model's "
+                                                                     "input; 'quantized': on the quantized input"})
+    blockwise_batches: int = field(default=4, metadata={"help": "block-wise stage: calibration batches (of 16) "
+                                                                "per step"})
+    calibration_samples: int = field(default=128, metadata={"help": "examples for error-aware adapter inits, "
+                                                                    "quant_init gptq and blockwise_steps"})
     # ---------------------------------------------------------------- distillation
     distill: str = field(default="none", metadata={"help": f"teacher loss, one of {DISTILL_LOSSES}"})
     distill_weight: float = field(default=1.0, metadata={"help": "loss = (1-w) task + w distill"})
@@ -112,6 +127,11 @@ class QATArguments(TrainingArguments):
             raise ValueError("zo_eps must be > 0 and zo_num_perturbations >= 1")
         if self.zeroth_order and self.adapter == "none" and self.zo_targets != "steps":
             raise ValueError("optim 'zo' with adapter 'none' has no adapters to perturb: set zo_targets: steps")
+        if self.blockwise_steps < 0 or self.blockwise_batches < 1 or min(self.blockwise_lr, self.blockwise_step_lr) <= 0:
+            raise ValueError("blockwise_steps must be >= 0 (0 = off), blockwise_batches >= 1 and the blockwise "
+                             "learning rates > 0")
+        if self.blockwise_target not in ("float", "quantized"):
+            raise ValueError(f"blockwise_target={self.blockwise_target!r}: use 'float' or 'quantized'")
         if self.quantized_grads not in (None, "int8", "int4"):
             raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
@@ -126,7 +146,8 @@ class QATArguments(TrainingArguments):
                            symmetric=self.symmetric, storage_bits=self.storage_bits, init=self.quant_init,
                            include=list(self.quant_include), exclude=list(self.quant_exclude),
                            overrides=dict(self.quant_overrides), learn_scale=self.learn_scale,
-                           learn_zero_point=self.learn_zero_point)
+                           learn_zero_point=self.learn_zero_point, gptq_damp=self.gptq_damp,
+                           gptq_act_order=self.gptq_act_order, gptq_step_init=self.gptq_step_init)
 
     def adapter_config(self) -> AdapterConfig | None:
         if self.adapter == "none":
