@@ -3,6 +3,8 @@ reconstruction stage on top of GPTQ (docs/GPTQ.md).
 
     python scripts/benchmarks/gptq_minilm.py --bits 4 3 2 --methods mse gptq gptq_act
     python scripts/benchmarks/gptq_minilm.py --bits 4 3 --methods gptq_blockwise --blockwise-steps 100
+    python scripts/benchmarks/gptq_minilm.py --write-calibration calib.json   # the sentences, for other tools
+    python scripts/benchmarks/gptq_minilm.py --eval-dirs DIR [DIR ...]      # saved models, same eval sentences
 
 Calibration: the first 256 sentences of the pydoc training split (qat.evaluation.pydoc_sentences),
 padded in batches of 16. Evaluation: 256 sentences of the held-out pydoc topics (eval split):
@@ -50,7 +52,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=float, nargs="+", default=[4, 3, 2])
     p.add_argument("--methods", nargs="+", default=["mse", "gptq", "gptq_act"],
-                   choices=["rtn", "mse", "gptq", "gptq_act", "gptq_blockwise", "mse_blockwise"])
+                   choices=["rtn", "mse", "gptq", "gptq_act", "gptq_blockwise", "gptq_act_blockwise", "mse_blockwise"])
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--calibration-samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=256)
@@ -62,9 +64,14 @@ def main() -> int:
     p.add_argument("--adapter", default="lora", choices=["lora", "none"])
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--json", type=Path, default=None, help="append the rows to this JSON-lines file")
+    p.add_argument("--write-calibration", type=Path, help="write the calibration sentences (JSON list) and stop")
+    p.add_argument("--eval-dirs", type=Path, nargs="+", help="evaluate these saved models instead of quantizing")
     a = p.parse_args()
 
     path = default_model_path()
+    if a.write_calibration:
+        a.write_calibration.write_text(json.dumps(pydoc_sentences(split="train", n=a.calibration_samples)))
+        return 0
     batches = calibration_batches(path, pydoc_sentences(split="train", n=a.calibration_samples), 128)
     import transformers
 
@@ -72,11 +79,16 @@ def main() -> int:
     texts = pydoc_sentences(split="eval", n=a.eval_samples)
     float_model = load(path)
     reference = sentence_embeddings(float_model, tok, texts)
+    for folder in a.eval_dirs or []:
+        row = {"model": str(folder), **embedding_agreement(reference, sentence_embeddings(load(folder), tok, texts))}
+        print(json.dumps(row), flush=True)
+    if a.eval_dirs:
+        return 0
     for bits in a.bits:
         bits = qat.primitives.check_bits(bits)
         for method in a.methods:
             init = method.split("_")[0]
-            cfg = qat.QuantConfig(bits=bits, group_size=a.group_size, init=init, gptq_act_order=method == "gptq_act")
+            cfg = qat.QuantConfig(bits=bits, group_size=a.group_size, init=init, gptq_act_order=method.startswith("gptq_act"))
             model = load(path)
             model.requires_grad_(False)
             t0 = time.time()
