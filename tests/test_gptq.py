@@ -232,6 +232,19 @@ def test_llama_blocks_and_mixed_inits():
         assert torch.isfinite(model(ids).logits).all()
 
 
+def test_gpt2_conv1d_blocks():
+    """GPT-2: blocks under transformer.h, Conv1D weights stored [in, out]."""
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    float_w = model.h[1].mlp.c_fc.weight.detach().t().clone()  # [out, in]
+    qat.quantize_model(model, qat.QuantConfig(bits=8, init="gptq"), calibration=[{"input_ids": ids}])
+    layer = model.h[1].mlp.c_fc
+    assert layer.source_type == "Conv1D" and tuple(layer.fake_quant_weight().shape) == tuple(float_w.shape)
+    # int8 GPTQ stays within a few steps of the float weight (relative error ~1e-2)
+    assert (layer.fake_quant_weight() - float_w).norm() / float_w.norm() < 0.05
+
+
 def test_gptq_without_calibration_refuses():
     model = tiny_bert()
     with pytest.raises(ValueError, match="needs calibration data"):
