@@ -140,6 +140,8 @@ def uses_gptq(args: QATArguments) -> bool:
 def calibration_batches(dataset, n: int, tokenizer=None, batch_size: int = 16) -> list[dict]:
     """The first n training examples as model input batches (padded by ``tokenizer`` when given,
     else one example per batch): what GPTQ and the block-wise stage calibrate on."""
+    if dataset is None:
+        raise ValueError("quant_init gptq and blockwise_steps calibrate on training examples: give a dataset")
     keep = ("input_ids", "attention_mask", "token_type_ids")
     rows = [{k: ex[k] for k in keep if k in ex} for ex in dataset.select(range(min(n, len(dataset))))]
     if tokenizer is None:
