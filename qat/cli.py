@@ -36,9 +36,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         "(default 32).")
     p.add_argument("--asymmetric", action="store_true",
                    help="Add a zero point per group, computed from the weights (default: a symmetric grid).")
-    p.add_argument("--init", choices=["rtn", "mse"], default="mse",
+    p.add_argument("--init", choices=["rtn", "mse", "gptq"], default="mse",
                    help="How each step is chosen: 'rtn' takes absmax / qmax, 'mse' searches the step with the "
-                        "least squared error (default).")
+                        "least squared error (default), 'gptq' also corrects each column's rounding error in the "
+                        "columns after it (GPTQ; needs calibration text).")
     p.add_argument("--exclude", action="append", default=None,
                    help="A regex of module names kept in float; repeatable (default: the output and classifier heads).")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=KEY:VAL[,KEY:VAL]",
@@ -69,7 +70,48 @@ def _quant_config(args):
         init=args.init,
         exclude=args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE),
         overrides=_parse_overrides(args.override),
+        gptq_damp=getattr(args, "damp", 0.01),
+        gptq_act_order=getattr(args, "act_order", False),
     )
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration-text", metavar="FILE",
+                   help="With --init gptq: a UTF-8 text file, one calibration text per line (default: sentences of "
+                        "the standard library's pydoc topics, training split).")
+    p.add_argument("--calibration-samples", type=int, default=256, help="The texts used for calibration (default 256).")
+    p.add_argument("--calibration-max-length", type=int, default=128, help="The tokens per calibration text (default 128).")
+    p.add_argument("--damp", type=float, default=0.01, help="The GPTQ dampening, a share of the mean Hessian diagonal (default 0.01).")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ in decreasing input-energy order (static groups: the export stays plain group-wise).")
+
+
+def calibration_texts(path: str | None, n: int) -> list[str]:
+    """The calibration texts: the file's non-empty lines, or pydoc's training-split sentences."""
+    if n < 1:
+        raise ValueError(f"--calibration-samples {n}: use at least 1")
+    if path is None:
+        from qat.evaluation import pydoc_sentences
+
+        return pydoc_sentences(split="train", n=n)
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--calibration-text {path!r} is not a file: pass a UTF-8 text file, one text per line")
+    texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"--calibration-text {path!r} has no text: write one calibration text per line")
+    return texts[:n]
+
+
+def calibration_batches(model_path: str, texts: list[str], max_length: int, batch_size: int = 16) -> list[dict]:
+    """Tokenized, padded batches (attention mask marks the real tokens) for GPTQ's statistics."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return [dict(tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                     return_tensors="pt")) for i in range(0, len(texts), batch_size)]
 
 
 def load_float_model(path: str):
@@ -92,18 +134,20 @@ def load_float_model(path: str):
 
 
 def cmd_quantize(args) -> int:
-    """Post-training quantization (RTN or MSE steps) of a model, exported packed."""
+    """Post-training quantization (RTN, MSE steps or GPTQ) of a model, exported packed."""
     import qat
     from qat.export import prepare_target
 
     try:
         prepare_target(Path(args.out), args.overwrite, inputs=(args.model,))  # refuse before loading anything
         config = _quant_config(args)
+        texts = calibration_texts(args.calibration_text, args.calibration_samples) if args.init == "gptq" else None
     except (ValueError, FileExistsError) as err:
         raise SystemExit(f"qat: {err}") from None
     model = load_float_model(args.model)
+    batches = calibration_batches(args.model, texts, args.calibration_max_length) if texts else None
     try:
-        qat.quantize_model(model, config)
+        qat.quantize_model(model, config, calibration=batches)
     except ValueError as err:
         raise SystemExit(f"qat: {err}") from None
     print(qat.format_report(qat.quantization_report(model)))
@@ -168,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out (the new export is written "
                                                             "beside it first).")
     _add_quant_args(p)
+    _add_calibration_args(p)
     p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("export", help="re-export a packed checkpoint; --push-to-hub uploads it")
     p.add_argument("checkpoint", help="A pack-quantized folder (a qat export or another tool's).")

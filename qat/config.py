@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from qat import primitives as P
 
-STEP_INITS = ("rtn", "mse")
+STEP_INITS = ("rtn", "mse", "gptq")  # gptq: error-compensating codes from calibration data (qat.gptq)
+GPTQ_STEP_SEARCHES = ("rtn", "mse")  # how GPTQ picks each group's step
 PLACEMENTS = ("inside", "outside")
 # Module-name patterns (regular expressions, matched with re.search) left in float by default:
 # the output head and classifier heads, whose errors hit the loss directly.
@@ -79,9 +80,18 @@ class QuantConfig:
     overrides: dict[str, dict] = field(default_factory=dict)
     learn_scale: bool = True
     learn_zero_point: bool = True
+    # init "gptq" only: dampening (share of the mean H diagonal), activation order (static groups),
+    # and the step search run on each group as GPTQ has updated it
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_step_init: str = "mse"
 
     def __post_init__(self):
         self.default_spec()  # validates the global settings
+        if not self.gptq_damp > 0:
+            raise ValueError(f"gptq_damp={self.gptq_damp}: use a positive share of the mean Hessian diagonal, e.g. 0.01")
+        if self.gptq_step_init not in GPTQ_STEP_SEARCHES:
+            raise ValueError(f"gptq_step_init={self.gptq_step_init!r}: use one of {GPTQ_STEP_SEARCHES}")
         for pattern in [*self.include, *self.exclude, *self.overrides]:
             try:
                 re.compile(pattern)

@@ -28,13 +28,18 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig | None = None,
+                   calibration: list[dict] | None = None) -> nn.Module:
     """Replace selected linear layers with QuantLinear, in place; returns the model.
 
     Layers are chosen by ``config.include`` / ``config.exclude`` (regexes on module names; the
     output head is excluded by default) and quantized to ``config.spec_for(name)``. Every layer's
     spec is validated before the first one is replaced, so a bad group size leaves the model
     untouched. Each QuantLinear records ``quant_error`` = ||W_hat - W|| / ||W|| for the report.
+
+    Layers with init ``gptq`` need ``calibration`` (model input batches, e.g. tokenizer outputs
+    with an attention mask): they are quantized last, sequentially (qat.gptq), so each sees the
+    other layers already quantized.
     """
     config = config or QuantConfig()
     candidates = linear_layers(model)
@@ -56,8 +61,12 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
         in_features = module.weight.shape[0] if is_conv1d(module) else module.in_features
         check_group_size(in_features, spec.group_size, name)  # fail before any layer changes
         plans.append((name, module, spec))
-    for name, module, spec in plans:
-        layer = QuantLinear.from_linear(module, spec, name=name)
+    gptq_plans = [p for p in plans if p[2].init == "gptq"]
+    if gptq_plans and not calibration:
+        raise ValueError("init 'gptq' needs calibration data: pass calibration batches (qat quantize "
+                         "--calibration-text, or the training data in qat train), or use init 'mse'")
+
+    def finish(name, module, layer):
         layer.weight_scale.requires_grad_(config.learn_scale)
         if layer.weight_zero_point is not None:
             layer.weight_zero_point.requires_grad_(config.learn_zero_point)
@@ -65,6 +74,15 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
         w = w.t() if is_conv1d(module) else w
         layer.quant_error = float((layer.fake_quant_weight().float() - w).norm() / w.norm().clamp_min(1e-12))
         set_submodule(model, name, layer)
+
+    for name, module, spec in plans:
+        if spec.init != "gptq":
+            finish(name, module, QuantLinear.from_linear(module, spec, name=name))
+    if gptq_plans:
+        from qat.gptq import quantize_model_gptq
+
+        quantize_model_gptq(model, gptq_plans, calibration, damp=config.gptq_damp, act_order=config.gptq_act_order,
+                            step_init=config.gptq_step_init, on_layer=finish)
     model.qat_config = config
     return model
 

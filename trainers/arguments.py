@@ -61,8 +61,16 @@ class QATArguments(TrainingArguments):
     storage_bits: int | None = field(default=None, metadata={"help":
         "The width of the frozen base codes (storage bits); unset means the same as bits."})
     quant_init: str = field(default="mse", metadata={"help":
-        "How the steps start: 'mse' searches the step with the least squared error, 'rtn' takes absmax / "
-        "qmax."})
+        "How the steps and codes start: 'mse' searches the step with the least squared error, 'rtn' takes "
+        "absmax / qmax, 'gptq' corrects each column's rounding error in the later columns (GPTQ, calibrated on "
+        "calibration_samples training examples)."})
+    gptq_damp: float = field(default=0.01, metadata={"help":
+        "With quant_init gptq: the dampening added to the Hessian diagonal, as a share of its mean."})
+    gptq_act_order: bool = field(default=False, metadata={"help":
+        "With quant_init gptq: take columns by decreasing input energy (static groups: the export stays "
+        "plain group-wise)."})
+    gptq_step_init: str = field(default="mse", metadata={"help":
+        "With quant_init gptq: how each group's step is searched, 'mse' or 'rtn'."})
     quant_include: list[str] = field(default_factory=lambda: [r".*"], metadata={"help":
         "Regexes of the linear layers to quantize (matched anywhere in the name)."})
     quant_exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE), metadata={"help":
@@ -98,8 +106,17 @@ class QATArguments(TrainingArguments):
         "The alternations of the LoftQ adapter init."})
     adapter_init_steps: int = field(default=AdapterConfig.init_steps, metadata={"help":
         "The Adam steps of the inside 'refine' adapter init."})
-    calibration_samples: int = field(default=128, metadata={"help":
-        "Examples run through the float model for the error-aware adapter inits."})
+    # ---------------------------------------------------------------- block-wise reconstruction (before training)
+    blockwise_steps: int = field(default=0, metadata={"help": "The Adam steps per transformer block fitting its steps and "
+                                                              "adapters to the float block's outputs; 0 turns the stage off."})
+    blockwise_lr: float = field(default=1e-3, metadata={"help": "The block-wise stage's learning rate of the adapters."})
+    blockwise_step_lr: float = field(default=1e-4, metadata={"help": "The block-wise stage's learning rate of the steps."})
+    blockwise_target: str = field(default="float", metadata={"help": "What each block is fitted to: 'float' is "
+                                                                     "the float block on the float model's input, 'quantized' the float block on the quantized input."})
+    blockwise_batches: int = field(default=4, metadata={"help": "The block-wise stage's calibration batches "
+                                                                "(of 16) per step."})
+    calibration_samples: int = field(default=128, metadata={"help": "Examples for the error-aware adapter "
+                                                                    "inits, quant_init gptq and blockwise_steps."})
     # ---------------------------------------------------------------- distillation
     distill: str = field(default="none", metadata={"help":
         f"The loss to the float model (the teacher), one of {DISTILL_LOSSES}; 'none' trains on the labels "
@@ -164,6 +181,11 @@ class QATArguments(TrainingArguments):
             raise ValueError("zo_eps must be > 0 and zo_num_perturbations >= 1")
         if self.zeroth_order and self.adapter == "none" and self.zo_targets != "steps":
             raise ValueError("optim 'zo' with adapter 'none' has no adapters to perturb: set zo_targets: steps")
+        if self.blockwise_steps < 0 or self.blockwise_batches < 1 or min(self.blockwise_lr, self.blockwise_step_lr) <= 0:
+            raise ValueError("blockwise_steps must be >= 0 (0 = off), blockwise_batches >= 1 and the blockwise "
+                             "learning rates > 0")
+        if self.blockwise_target not in ("float", "quantized"):
+            raise ValueError(f"blockwise_target={self.blockwise_target!r}: use 'float' or 'quantized'")
         if self.quantized_grads not in (None, "int8", "int4"):
             raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
         check_data_parallel(self)
@@ -200,7 +222,8 @@ class QATArguments(TrainingArguments):
                            symmetric=self.symmetric, storage_bits=self.storage_bits, init=self.quant_init,
                            include=list(self.quant_include), exclude=list(self.quant_exclude),
                            overrides=dict(self.quant_overrides), learn_scale=self.learn_scale,
-                           learn_zero_point=self.learn_zero_point)
+                           learn_zero_point=self.learn_zero_point, gptq_damp=self.gptq_damp,
+                           gptq_act_order=self.gptq_act_order, gptq_step_init=self.gptq_step_init)
 
     def adapter_config(self) -> AdapterConfig | None:
         if self.adapter == "none":

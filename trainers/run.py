@@ -172,12 +172,30 @@ def calibrate(args: QATArguments, model, train_dataset) -> dict:
     return {"float_weights": float_weights, "calib": calib}
 
 
-def quantize(args: QATArguments, model):
-    """Freeze everything, then swap the linear layers for QuantLinear (steps trainable); in place."""
+def uses_gptq(args: QATArguments) -> bool:
+    cfg = args.quant_config()
+    return cfg.init == "gptq" or any(o.get("init") == "gptq" for o in cfg.overrides.values())
+
+
+def calibration_batches(dataset, n: int, tokenizer=None, batch_size: int = 16) -> list[dict]:
+    """The first n training examples as model input batches (padded by ``tokenizer`` when given,
+    else one example per batch): what GPTQ and the block-wise stage calibrate on."""
+    if dataset is None:
+        raise ValueError("quant_init gptq and blockwise_steps calibrate on training examples: give a dataset")
+    keep = ("input_ids", "attention_mask", "token_type_ids")
+    rows = [{k: ex[k] for k in keep if k in ex} for ex in dataset.select(range(min(n, len(dataset))))]
+    if tokenizer is None:
+        return [{k: torch.tensor([v]) for k, v in row.items()} for row in rows]
+    return [dict(tokenizer.pad(rows[i:i + batch_size], return_tensors="pt")) for i in range(0, len(rows), batch_size)]
+
+
+def quantize(args: QATArguments, model, calibration: list[dict] | None = None):
+    """Freeze everything, then swap the linear layers for QuantLinear (steps trainable); in place.
+    ``calibration``: input batches for quant_init gptq (see :func:`calibration_batches`)."""
     from qat.serving import train_for_target
 
     model.requires_grad_(False)  # only steps and adapters train
-    qat.quantize_model(model, args.quant_config())
+    qat.quantize_model(model, args.quant_config(), calibration=calibration)
     train_for_target(model, args.serving, args.export_format)  # steps rounded as the runtime stores them
     return model
 
@@ -193,9 +211,22 @@ def attach_adapters(args: QATArguments, model, calibration: dict) -> None:
 def prepare_model(args: QATArguments, model, train_dataset):
     """Quantize in place and attach adapters (with calibration for error-aware inits); returns the model."""
     calibration = calibrate(args, model, train_dataset)
-    quantize(args, model)
+    batches = calibration_batches(train_dataset, args.calibration_samples) if uses_gptq(args) else None
+    quantize(args, model, batches)
     attach_adapters(args, model, calibration)
     return model
+
+
+def blockwise_stage(args, model, float_model, train_ds, tokenizer, eval_ds, texts, collate, float_emb) -> dict:
+    """Block-wise reconstruction (trainers/blockwise.py) on the calibration examples; returns the
+    model's evaluation row after it."""
+    from qat.trainers.blockwise import reconstruct_blocks
+
+    batches = calibration_batches(train_ds, args.calibration_samples, tokenizer)
+    reconstruct_blocks(model, float_model, batches, args.blockwise_steps, lr=args.blockwise_lr,
+                       step_lr=args.blockwise_step_lr, target=args.blockwise_target,
+                       batches_per_step=args.blockwise_batches, seed=args.seed, log=print)
+    return evaluate(args, model, tokenizer, eval_ds, texts, collate, float_emb)
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -409,6 +440,7 @@ def _run(args: QATArguments, export_dir: Path) -> dict:
     with materialized_loading(args):
         model = load_model(args.model_name_or_path, args.task, num_labels, trust_remote_code=args.trust_remote_code)
     teacher = copy.deepcopy(model).eval() if args.distill != "none" else None
+    float_model = teacher if teacher is not None or not args.blockwise_steps else copy.deepcopy(model).eval()
     collate = collator(tokenizer, args.task)
 
     reference = evaluate(args, model, tokenizer, eval_ds, texts, collate)
@@ -420,9 +452,13 @@ def _run(args: QATArguments, export_dir: Path) -> dict:
         rows["float"] = embedding_agreement(float_emb, float_emb)
     # prepare_model's steps, with the post-training row measured between quantizing and the adapters
     calibration = calibrate(args, model, train_ds)
-    quantize(args, model)
+    batches = calibration_batches(train_ds, args.calibration_samples, tokenizer) if uses_gptq(args) else None
+    quantize(args, model, batches)
     rows["post-training"] = evaluate(args, model, tokenizer, eval_ds, texts, collate, float_emb)
     attach_adapters(args, model, calibration)
+    if args.blockwise_steps:
+        rows["blockwise"] = blockwise_stage(args, model, float_model, train_ds, tokenizer, eval_ds, texts, collate,
+                                            float_emb)
 
     trainer = QATTrainer(model=model, args=args, teacher=teacher, train_dataset=train_ds,
                          eval_dataset=eval_ds if args.eval_strategy != "no" else None,

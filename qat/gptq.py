@@ -1,0 +1,226 @@
+"""GPTQ: error-compensating quantization of a linear layer from its inputs' second moments.
+
+For a layer y = x W^T and calibration inputs X [tokens, in], H = X^T X (float64). Columns are
+quantized one at a time (in input order, or by decreasing H diagonal with ``act_order``); the
+rounding error of column q is spread over the columns not yet quantized so that ||X W^T - X Wq^T||
+stays small (Optimal Brain Surgeon with the inverse Hessian):
+
+    err = (w_q - quant(w_q)) / [H^-1]_qq        W[:, j] -= err * [H^-1]_qj   for the later j
+
+computed in blocks of columns from the upper Cholesky factor of H^-1 (the rows of U are the
+successive OBS rows, already restricted to the remaining columns). H is dampened by
+``damp * mean(diag H)`` on the diagonal. Columns that never see an input (diag 0) get H_qq = 1.
+
+Steps: each group's step (and zero point) comes from qat's step search (``rtn`` or ``mse``, see
+qat.primitives) on the group's columns as GPTQ has updated them when the group's first column is
+reached. Per-channel steps and act-order use static steps, searched on the original weight up
+front, so the exported model stays plain group-wise (no column permutation, no g_idx).
+
+:func:`quantize_model_gptq` runs it on a model sequentially: block by block (qat.blocks), each
+layer's H taken on the outputs of the already-quantized layers before it; one H in memory at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qat import primitives as P
+from qat.blocks import advance, capture_block_inputs, find_blocks, model_kwargs, real_tokens
+from qat.config import LayerSpec
+from qat.quant_linear import QuantLinear, is_conv1d
+
+COLUMN_BLOCK = 128  # columns updated together before the lazy update of the rest (GPTQ's B)
+
+
+def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: float):
+    """Codes and dequantized values of one column w [out] (any float dtype) with steps [out].
+
+    The same operations, in the same fp32 order, as :func:`qat.primitives.quantize_codes` /
+    :func:`~qat.primitives.dequantize`, so the layer re-derives exactly these codes."""
+    qmin, qmax = P.qrange(bits)
+    v = w.float() / scale
+    z = None if zero is None else P.round_zero_point(zero, bits)
+    if z is not None:
+        v = v + z
+    q = torch.round(torch.clamp(v, qmin, qmax))
+    w_hat = (q - z) * scale if z is not None else q * scale
+    return q, w_hat
+
+
+def _steps(w: torch.Tensor, bits: float, group_size: int, symmetric: bool, method: str, scale_dtype):
+    """Step search on w [out, n]; steps rounded to the dtype the layer keeps them in (what it will use)."""
+    scale, zero = P.init_steps(w.float(), bits, group_size, symmetric, method)
+    return scale.to(scale_dtype).float(), zero
+
+
+def prepare_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H [in, in] -> float64, dead inputs given H_qq = 1, plus damp * mean(diag) on the diagonal."""
+    H = H.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return H
+
+
+def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1; raises with the fix when H is not positive definite."""
+    try:
+        L = torch.linalg.cholesky(H)
+        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch.linalg.LinAlgError:
+        raise ValueError("GPTQ: the calibration Hessian is not positive definite even after dampening: "
+                         "raise gptq_damp (e.g. 0.1) or give more calibration samples") from None
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits: float,
+    group_size: int,
+    symmetric: bool,
+    step_init: str = "mse",
+    damp: float = 0.01,
+    act_order: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ of ``weight`` [out, in] given H [in, in] = X^T X. Returns (codes [out, in] int8,
+    scale [out, in/g] fp32, zero point [out, in/g] (float holding integers) or None)."""
+    out_features, n = weight.shape
+    W = weight.detach().double().clone()
+    H = prepare_hessian(H, damp)
+    static = act_order or group_size == n
+    if static:  # steps fixed up front from the original weight, in the original column order
+        scale, zero = _steps(W, bits, group_size, symmetric, step_init, scale_dtype)
+    else:
+        scale = torch.empty(out_features, n // group_size, device=W.device)
+        zero = None if symmetric or P.is_ternary(bits) else torch.empty_like(scale)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_cholesky(H)
+    Q = torch.zeros_like(W)
+    # Column blocks hold whole groups, so a group's columns are fully updated when it starts.
+    width = max(COLUMN_BLOCK // group_size, 1) * group_size if group_size < n else COLUMN_BLOCK
+    for i1 in range(0, n, width):
+        i2 = min(i1 + width, n)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1, dtype=W.dtype, device=W.device)
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(perm[col]) // group_size
+            if not static and col % group_size == 0:
+                s, z = _steps(W1[:, i:i + group_size], bits, group_size, symmetric, step_init, scale_dtype)
+                scale[:, g] = s[:, 0]
+                if zero is not None:
+                    zero[:, g] = z[:, 0]
+            q, w_hat = quantize_column(W1[:, i], scale[:, g], None if zero is None else zero[:, g], bits)
+            Q[:, col] = q.double()
+            err = (W1[:, i] - w_hat.double()) / U[col, col]
+            W1[:, i:] -= err.unsqueeze(1) @ U[col, col:i2].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy update of the columns after this block
+    codes = torch.empty_like(Q)
+    codes[:, perm] = Q
+    return codes.to(torch.int8), scale, zero
+
+
+# ------------------------------------------------------------------------------------ whole model
+def layer_from_gptq(module: nn.Module, spec: LayerSpec, H: torch.Tensor, name: str, damp: float,
+                    act_order: bool, step_init: str) -> QuantLinear:
+    """A QuantLinear whose step-0 weight is the GPTQ solution, at any storage width.
+
+    The GPTQ codes q and steps s (grid ``spec.bits``) become the frozen base (W0 = s (q - z));
+    the trained steps start at s, so W_hat = s (round(W0 / s + z) - z) = W0: at storage = bits the
+    base is the codes themselves, at a wider storage the same integers sit in the wider grid."""
+    weight = module.weight.detach()
+    weight = weight.t() if is_conv1d(module) else weight
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32
+    group = P.check_group_size(weight.shape[1], spec.group_size, name)
+    codes, scale, zero = gptq_quantize(weight.float(), H, spec.bits, group, spec.symmetric, step_init,
+                                       damp, act_order, scale_dtype=dtype)
+    bias = None if module.bias is None else module.bias.detach()
+    layer = QuantLinear.from_codes(codes, scale, zero, spec, bias=bias, dtype=dtype, name=name)
+    layer.source_type = "Conv1D" if is_conv1d(module) else "Linear"
+    return layer
+
+
+class _HessianHook:
+    """Forward pre-hook adding the real tokens' x x^T (float64) of one layer's input into H."""
+
+    def __init__(self, in_features: int, device):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.token_mask = None
+
+    def __call__(self, _module, args):
+        x = real_tokens(args[0], self.token_mask).double()
+        self.H += x.T @ x
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+
+
+def _hessian(module: nn.Module, runs) -> torch.Tensor:
+    """H of ``module``'s inputs over ``runs`` = [(token_mask, callable running one batch)]."""
+    hook = _HessianHook(_in_features(module), module.weight.device)
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for mask, run in runs:
+            hook.token_mask = mask
+            run()
+    finally:
+        handle.remove()
+    return hook.H
+
+
+@torch.no_grad()
+def quantize_model_gptq(model: nn.Module, plans: list[tuple[str, nn.Module, LayerSpec]], batches: list[dict],
+                        damp: float = 0.01, act_order: bool = False, step_init: str = "mse",
+                        on_layer=None) -> None:
+    """Replace each planned layer by its GPTQ QuantLinear, sequentially, in place.
+
+    Block by block: block i's inputs are the outputs of blocks < i as already quantized, and each
+    layer's H is taken with the layers before it in its block already replaced. Layers outside the
+    blocks (a pooler, a head) follow, their H taken by whole-model forwards of the quantized model.
+    ``on_layer(name, float_module, layer)`` is called after each replacement (e.g. for a report).
+    """
+    from qat.surgery import set_submodule
+
+    def replace(name, module, spec, runs):
+        H = _hessian(module, runs)
+        layer = layer_from_gptq(module, spec, H, name, damp, act_order, step_init)
+        del H  # one layer's H at a time
+        set_submodule(model, name, layer)
+        if on_layer is not None:
+            on_layer(name, module, layer)
+
+    was_training = model.training
+    model.eval()  # no dropout in the statistics
+    try:
+        _sequential(model, plans, batches, replace)
+    finally:
+        model.train(was_training)
+
+
+def _sequential(model, plans, batches, replace) -> None:
+    try:
+        blocks_name, blocks = find_blocks(model)
+    except ValueError:
+        blocks_name, blocks = None, []
+    done = set()
+    if blocks_name is not None and any(n.startswith(blocks_name + ".") for n, _, _ in plans):
+        items = capture_block_inputs(model, blocks, batches)
+        for i, block in enumerate(blocks):
+            prefix = f"{blocks_name}.{i}."
+            for name, module, spec in [p for p in plans if p[0].startswith(prefix)]:
+                runs = [(it.token_mask, lambda it=it: block(it.hidden, *it.args, **it.kwargs)) for it in items]
+                replace(name, module, spec, runs)
+                done.add(name)
+            advance(block, items)
+        del items
+    for name, module, spec in plans:
+        if name not in done:
+            runs = [(b.get("attention_mask", None), lambda b=b: model(**model_kwargs(model, b))) for b in batches]
+            runs = [(None if m is None else m.bool(), r) for m, r in runs]
+            replace(name, module, spec, runs)
+
