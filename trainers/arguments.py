@@ -31,7 +31,8 @@ class QATArguments(TrainingArguments):
     max_length: int = field(default=128, metadata={"help": "tokens per training example"})
     # ---------------------------------------------------------------- data
     dataset: str = field(default="", metadata={"help": "file (txt/json/jsonl/parquet/csv), saved dataset folder, "
-                                                         "Hub name, or 'pydoc' (the standard library's docs)"})
+                                                         "Hub name, 'pydoc' (the standard library's docs) or "
+                                                         "'corpus' (qat.corpus: Python docs + package docstrings)"})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name"})
     train_split: str = field(default="train")
     eval_dataset: str | None = field(default=None, metadata={"help": "like `dataset`; default: hold out eval_ratio"})
