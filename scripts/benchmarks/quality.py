@@ -75,7 +75,8 @@ def recipe_values(a, bits: int, out: Path, extra: dict) -> dict:
             "output_dir": str(out), "overwrite_output": True, "save_strategy": "no",
             "logging_steps": max(1, a.steps // 10), "quant_include": f"['{ENCODER_LINEARS}']",
             "adapter_targets": f"['{ENCODER_LINEARS}']", "disable_tqdm": True,
-            "max_eval_samples": a.dev_sentences, "model_name_or_path": a.model, **extra}
+            "max_eval_samples": a.dev_sentences, "model_name_or_path": a.model,
+            **({"max_train_samples": a.train_sentences} if a.train_sentences else {}), **extra}
 
 
 def build_args(a, bits: int, out: Path, extra: dict):
@@ -118,8 +119,9 @@ class Bench:
         self.tokenizer = load_tokenizer(self.path)
         from datasets import Dataset
 
-        self.train_ds = tokenize(Dataset.from_dict({"text": corpus_sentences("train")}), self.tokenizer,
-                                 self.args, "corpus")
+        # the text qat's job trains on (--dataset corpus, max_train_samples): the same for every row
+        train_texts = corpus_sentences("train", a.train_sentences or None)
+        self.train_ds = tokenize(Dataset.from_dict({"text": train_texts}), self.tokenizer, self.args, "corpus")
         self.calibration = corpus_sentences("train", a.calibration)
         self.dev_texts = corpus_sentences("dev", a.dev_sentences)
         self.float_model = load_model(self.path, "embedding").eval()
@@ -247,13 +249,14 @@ def parse(argv):
     p.add_argument("--budget", type=int, default=None, help="settings each method tries on dev (default 2)")
     p.add_argument("--steps", type=int, default=None, help="training steps of every trained row (default 300)")
     p.add_argument("--batch", type=int, default=None, help="sentences per step (default 32)")
+    p.add_argument("--train_sentences", type=int, default=None, help="train sentences used (default: all)")
     p.add_argument("--dev_sentences", type=int, default=None, help="dev sentences scored (default 256)")
     p.add_argument("--test_sentences", type=int, default=None, help="out-of-domain sentences (default 1024)")
     p.add_argument("--calibration", type=int, default=None, help="calibration sentences (default 256)")
     p.add_argument("--seed", type=int, default=0, help="the out-of-domain sample's seed")
     p.add_argument("--model", default=None, help="default: the packaged all-MiniLM-L6-v2")
     p.add_argument("--quick", action="store_true",
-                   help="a tiny random BERT, 2 steps, 16 sentences a split, budget 1: the plumbing in seconds")
+                   help="a tiny random BERT, 2 steps, 64 train / 16 dev / 16 test sentences, budget 1: the plumbing")
     p.add_argument("--llmc_venv", default=DEFAULT_LLMC_VENV, help="llm-compressor's own virtual environment")
     p.add_argument("--no_build_llmc", dest="build_llmc", action="store_false",
                    help="do not build the llm-compressor venv when it is missing (its rows say so)")
@@ -262,8 +265,10 @@ def parse(argv):
                                                 "(default docs/BENCHMARKS.md; with --out, OUT/BENCHMARKS.md)")
     p.add_argument("--workdir", default=None, help="exports go here and are kept (default: a temporary folder)")
     a = p.parse_args(argv)
-    small = {"budget": 1, "steps": 2, "batch": 4, "dev_sentences": 16, "test_sentences": 16, "calibration": 16}
-    full = {"budget": 2, "steps": 300, "batch": 32, "dev_sentences": 256, "test_sentences": 1024, "calibration": 256}
+    small = {"budget": 1, "steps": 2, "batch": 4, "dev_sentences": 16, "test_sentences": 16, "calibration": 16,
+             "train_sentences": 64}
+    full = {"budget": 2, "steps": 300, "batch": 32, "dev_sentences": 256, "test_sentences": 1024, "calibration": 256,
+            "train_sentences": 0}
     for key, value in (small if a.quick else full).items():
         if getattr(a, key) is None:
             setattr(a, key, value)

@@ -47,7 +47,8 @@ def report(results: dict, splits: dict, a, total_seconds: float, machine: str, c
              f"Command: `{command}`", "",
              f"Machine: {machine}. Whole run: {total_seconds / 60:.1f} min.", "",
              f"Model: `{a.model}`; the encoder's linears quantized, symmetric int, group 32. "
-             f"Splits (qat.corpus): train {splits['train']['sentences']} sentences (sha {splits['train']['sha256']}), "
+             f"Splits (qat.corpus): train {splits['train']['sentences']} sentences (sha {splits['train']['sha256']}; "
+             f"{a.train_sentences or 'all'} used), "
              f"dev {splits['dev']['sentences']} (sha {splits['dev']['sha256']}, other source modules; "
              f"{splits['dev_scored']} scored), out-of-domain test: {splits['test']['sentences']} sentences of the "
              f"operating system's licence / copyright text (seed {a.seed}), read once after all tuning. "

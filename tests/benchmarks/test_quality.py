@@ -24,6 +24,7 @@ def _load_script():
     sys.path.insert(0, str(BENCH))  # the script's sibling modules (bench_common, quality_report, ...)
     spec = importlib.util.spec_from_file_location("quality", BENCH / "quality.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
