@@ -34,7 +34,8 @@ class QATArguments(TrainingArguments):
     # ---------------------------------------------------------------- data
     dataset: str = field(default="", metadata={"help":
         "The training data: a txt / json / jsonl / parquet / csv file, a save_to_disk folder, a Hub name, or "
-        "'pydoc' (the Python standard library's docs)."})
+        "'pydoc' (the Python standard library's docs) or 'corpus' (qat.corpus: Python's docs and installed "
+        "packages' docstrings, train / dev split by source)."})
     dataset_config: str | None = field(default=None, metadata={"help":
         "The Hub dataset's config name, if it has several."})
     train_split: str = field(default="train", metadata={"help": "The split of `dataset` to train on."})

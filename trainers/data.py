@@ -1,4 +1,4 @@
-"""Training data: load (local files, saved datasets, the Hub, or the built-in 'pydoc' corpus) and tokenise.
+"""Training data: load (local files, saved datasets, the Hub, or the built-in 'pydoc' / 'corpus' text) and tokenise.
 
 Per task:
   causal_lm   TRL's three dataset formats:
@@ -32,10 +32,19 @@ def _pydoc(split: str) -> Dataset:
     return Dataset.from_dict({"text": pydoc_sentences("eval" if split == "eval" else "train", n=100_000)})
 
 
+def _corpus(split: str) -> Dataset:
+    from qat.corpus import corpus_sentences
+
+    # The Python corpus (qat.corpus): "train" to train on, "dev" (other source modules) to evaluate on.
+    return Dataset.from_dict({"text": corpus_sentences("dev" if split == "eval" else "train")})
+
+
 def load_raw(spec: str, config: str | None = None, split: str = "train") -> Dataset:
-    """A `datasets.Dataset` from a file, a folder of files, a `save_to_disk` folder, 'pydoc' or a Hub name."""
+    """A `datasets.Dataset` from a file, a folder of files, a `save_to_disk` folder, 'pydoc', 'corpus' or a Hub name."""
     if spec == "pydoc":
         return _pydoc(split)
+    if spec == "corpus":
+        return _corpus(split)
     path = Path(spec)
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
@@ -240,9 +249,12 @@ def build_datasets(args, tokenizer) -> tuple[Dataset, Dataset, list[str]]:
     """(train, eval) tokenised datasets and the raw held-out texts (for embedding metrics)."""
     raw = load_raw(args.dataset, args.dataset_config, args.train_split)
     if args.eval_dataset:
-        held = load_raw(args.eval_dataset, args.dataset_config, "eval" if args.eval_dataset == "pydoc" else "train")
+        held = load_raw(args.eval_dataset, args.dataset_config,
+                        "eval" if args.eval_dataset in ("pydoc", "corpus") else "train")
     elif args.dataset == "pydoc":
         held = _pydoc("eval")
+    elif args.dataset == "corpus":
+        held = _corpus("eval")
     else:
         split = raw.train_test_split(test_size=args.eval_ratio, seed=args.seed)
         raw, held = split["train"], split["test"]

@@ -52,3 +52,24 @@ def write_results(name: str, markdown: str, data: dict, out_dir: Path | str | No
     (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
     (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     return out
+
+
+def section_markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin (generated) -->", f"<!-- {name}:end -->"
+
+
+def write_section(page: Path | str, name: str, markdown: str) -> Path:
+    """Put a script's generated markdown into ``page`` between its markers (added at the end the first
+    time); the rest of the page is kept as it is."""
+    page = Path(page)
+    begin, end = section_markers(name)
+    text = page.read_text() if page.exists() else ""
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(text)
+    return page

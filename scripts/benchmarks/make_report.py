@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS_DIR  # noqa: E402
+from bench_common import RESULTS_DIR, section_markers  # noqa: E402
 
 SECTIONS = [
     ("quality", "Quality on a real pretrained encoder (all-MiniLM-L6-v2)",
-     "python scripts/benchmarks/quality.py --steps 100 --batch 16"),
+     "python scripts/benchmarks/quality.py"),
     ("speed_memory", "Step time and peak memory (~100M-parameter Llama, CPU)",
      "python scripts/benchmarks/speed_memory.py"),
     ("causal_lm", "Causal-LM perplexity (a small Llama pretrained by us on the standard library's docs)",
@@ -43,6 +43,11 @@ def demote(markdown: str) -> str:
 
 
 def section(name: str, title: str, command: str, results: Path) -> str:
+    begin, end = section_markers(name)  # a script may rewrite its own section in place (write_section)
+    return f"{begin}\n{section_text(name, title, command, results).rstrip()}\n{end}\n"
+
+
+def section_text(name: str, title: str, command: str, results: Path) -> str:
     page, plot = results / f"{name}.md", results / f"{name}.png"
     if not page.exists():
         return f"## {title}\n\nNot run yet: `{command}`.\n"

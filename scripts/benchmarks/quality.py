@@ -1,35 +1,26 @@
-"""Embedding quality of low-bit all-MiniLM-L6-v2: qat against post-training quantization and the tools
-users pick instead (peft + bitsandbytes QLoRA, torchao QAT), in one run (issue 5, item 1).
+"""Embedding quality of low-bit all-MiniLM-L6-v2 under an honest protocol (issue 14, item 6): qat's rows
+against llm-compressor GPTQ / RTN, peft + bitsandbytes QLoRA and torchao QAT.
 
-Every trained method gets the same data (pydoc_data.topics sentences; held-out topics for evaluation),
-the same loss (cosine of mean-pooled embeddings to the float model), the same steps, batch, learning
-rate and schedule (the main job's: DEFAULT_RECIPE), and the same trainer loop (QATTrainer, which runs
-any model with trainable parameters). The encoder's linear layers are quantized, group 32, symmetric.
+Three disjoint splits (qat.corpus):
+  train  Python corpus, train split: every trained row's data and every calibration set
+  dev    Python corpus, dev split (other source modules): ALL tuning: each method tries the same number
+         of settings (--budget) and keeps the one with the best dev cosine
+  test   out-of-domain text (the operating system's licence / copyright files): read once, after all
+         tuning has finished, to report each method's chosen setting
 
-    python scripts/benchmarks/quality.py                       # everything, writes docs/benchmarks/quality.*
-    python scripts/benchmarks/quality.py --bits 4 --methods ptq_mse lora_inside --steps 20
+Every row is scored on the model as a user gets it: the export reloaded with transformers (torchao:
+its converted model in memory, it has no export transformers reloads here). Scores: mean cosine and
+nearest-neighbour agreement with the float model's mean-pooled embeddings (qat.evaluation). Rows that are
+a pure low-bit model (no adapter, or adapters inside the quantizer) are tabled apart from rows that keep
+float adapters beside the base (outside LoRA). Encoder linears, symmetric int, group 32.
 
-Methods (rows), each measured on the exported model as transformers reloads it where it exports:
-  ptq_rtn / ptq_mse     post-training: absmax steps / MSE-searched steps, no training
-  lora_inside           qat: LoRA inside the quantizer (W_hat = Q(W0 + BA)), zero init, learned steps (the
-                        main job's; the refine init lowers layer error, docs/ADAPTERS.md, but trained worse:
-                        W4 cosine 0.9691 after the same 100 steps of 16 in a first run of this script)
-  lora_outside          qat: LoRA outside (Q(W0) + BA), activation-weighted LoftQ init, exported as the packed
-                        base + a peft adapter
-  wht_inside            qat: Walsh-Hadamard adapter inside, zero init (refine helps WHT least, -10% layer
-                        error in docs/ADAPTERS.md, and costs ~2 min of a 2-core machine)
-  steps_only            qat: learned steps only (LSQ), no adapter
-  qzo_steps             qat: zeroth-order (QZO) on the steps, no backward pass
-  qlora_nf4             peft + bitsandbytes: LoRA over an NF4 base, merged back into NF4 (bitsandbytes'
-                        merge re-quantizes); 4-bit only
-  qlora_requant         the same QLoRA training, merged in float and re-quantized to the row's int format with
-                        MSE steps, exported by qat: how a QLoRA model reaches 2-3 bits
-  torchao               torchao QAT: its IntxFakeQuantizeConfig (int-b, group 32) under a peft LoRA, then
-                        merge and its convert step (IntxWeightOnlyConfig); measured in memory (no export to
-                        a packed checkpoint); no ternary config
+    python scripts/benchmarks/quality.py                               # everything, W4 / W3 / W2
+    python scripts/benchmarks/quality.py --bits 4 --methods llmc_gptq llmc_rtn
+    python scripts/benchmarks/quality.py --recipe qat_gptq='{"quant_init": "gptq"}'   # add a qat row
+    python scripts/benchmarks/quality.py --quick --out /tmp/q          # tiny model, seconds (the unit test)
 
-Metrics on 256 held-out sentences: mean cosine to the float embeddings, nearest-neighbour agreement, and
-the share of the post-training degradation recovered, (cos - cos_PTQ) / (1 - cos_PTQ), PTQ = ptq_mse.
+qat rows are named overrides of the main job's recipe (QAT_RECIPES, or --recipe NAME=JSON), run by qat's
+own ``run`` exactly as ``qat train --KEY VALUE ...`` runs them, on ``--dataset corpus``.
 """
 
 from __future__ import annotations
@@ -37,289 +28,279 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import shutil
 import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, write_results  # noqa: E402
-from quality_report import plot, report  # noqa: E402
+from bench_common import RESULTS_DIR, machine, write_results, write_section  # noqa: E402
+from quality_baselines import DEFAULT_LLMC_VENV, NotRun, llmc_model, qlora_model, torchao_model  # noqa: E402
+from make_report import SECTIONS, section_text  # noqa: E402
+from quality_report import report  # noqa: E402
 
-BITS = {"4": 4, "3": 3, "2": 2, "ternary": 1.58}
-QAT_METHODS = {
-    "lora_inside": {"adapter": "lora", "adapter_placement": "inside", "adapter_init": "zero"},
-    # An error-aware start wants a smaller adapter lr than the job's 1e-3, which walks it away
-    # from its start (W4, 100 x 16 sweep: 1e-3 0.9791, 2e-4 0.9863, 5e-5 0.9870; W2 2e-4 0.8676
-    # vs 0.8627 at 1e-3).
-    "lora_outside": {"adapter": "lora", "adapter_placement": "outside", "adapter_init": "loftq_act",
-                     "learning_rate": 2e-4},
-    "wht_inside": {"adapter": "wht", "adapter_placement": "inside", "adapter_init": "zero"},
-    "steps_only": {"adapter": "none"},
-    "qzo_steps": {"adapter": "none", "optim": "zo", "zo_targets": "steps"},
-}
-PTQ_METHODS = ("ptq_rtn", "ptq_mse")
-OTHER_METHODS = ("qlora_nf4", "qlora_requant", "torchao")
-METHODS = PTQ_METHODS + tuple(QAT_METHODS) + OTHER_METHODS
+from qat.corpus import corpus_info, corpus_sentences, ood_test_sentences  # noqa: E402
+
+BITS = (4, 3, 2)
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*"  # the encoder's linears; the unused pooler stays float
-LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"  # peft: the same layers
+# qat's rows: {name: overrides of qat.trainers.recipes.DEFAULT_RECIPE}. Another branch's method is one
+# more entry here (or --recipe NAME=JSON); its family (pure / float adapters) is read from its recipe.
+QAT_RECIPES = {
+    "qat_default": {},
+    "qat_lora_outside": {"adapter_placement": "outside", "adapter_init": "loftq_act"},
+}
+# The tuning grids: the first --budget entries of each are tried on dev. Trained rows scale their
+# learning rates by LR_FACTORS; GPTQ tries dampening fractions; RTN has nothing to tune.
+LR_FACTORS = (1.0, 0.3, 3.0, 0.1)
+GPTQ_DAMPENING = (0.01, 0.1, 0.001, 0.05)
+BASELINE_LR = 1e-3  # the main job's adapter learning rate, the other tools' LoRA start from it too
+
+
+@dataclass
+class Method:
+    name: str
+    family: str  # "pure" (a low-bit model) or "float adapters" (low-bit base + float LoRA beside it)
+    grid: tuple  # settings, in the order they are tried
+    build: object  # (bench, bits, setting, out) -> (load the model to score, export folder or None)
 
 
 # ---------------------------------------------------------------------------------------- set-up
-def recipe_argv(a, bits: float, out: Path, extra: dict) -> list[str]:
-    """The main job's recipe with the benchmark's shared settings and one method's overrides."""
-    values = {"max_steps": a.steps, "per_device_train_batch_size": a.batch, "bits": bits,
-              "output_dir": str(out), "overwrite_output": True, "save_strategy": "no",
-              "logging_steps": max(1, a.steps // 10), "quant_include": f"['{ENCODER_LINEARS}']",
-              "adapter_targets": f"['{ENCODER_LINEARS}']", "disable_tqdm": True,
-              "max_eval_samples": a.eval_sentences, **extra}
-    argv = []
-    for k, v in values.items():
-        argv += [f"--{k}", str(v)]
-    return argv
+def recipe_values(a, bits: int, out: Path, extra: dict) -> dict:
+    """The main job's recipe, on the corpus, with the protocol's shared settings and a row's overrides."""
+    return {"dataset": "corpus", "max_steps": a.steps, "per_device_train_batch_size": a.batch, "bits": bits,
+            "output_dir": str(out), "overwrite_output": True, "save_strategy": "no",
+            "logging_steps": max(1, a.steps // 10), "quant_include": f"['{ENCODER_LINEARS}']",
+            "adapter_targets": f"['{ENCODER_LINEARS}']", "disable_tqdm": True,
+            "max_eval_samples": a.dev_sentences, "model_name_or_path": a.model,
+            **({"max_train_samples": a.train_sentences} if a.train_sentences else {}), **extra}
 
 
-def build_args(a, bits, out, extra):
+def build_args(a, bits: int, out: Path, extra: dict):
     from qat.trainers.recipes import build_arguments
 
-    return build_arguments(recipe_argv(a, bits, out, extra))
+    argv = []
+    for key, value in recipe_values(a, bits, out, extra).items():
+        argv += [f"--{key}", str(value)]
+    return build_arguments(argv)
 
 
-def quant_layout(a, workdir: Path) -> dict:
-    """What the report says about the quantized model, read from the recipe every row uses and
-    the model itself (not written by hand): layers quantized, group, symmetry, adapter rank."""
-    import transformers
+def tiny_model(workdir: Path) -> str:
+    """--quick: a 2-layer, 64-wide BERT (random, seeded) with MiniLM's tokenizer: the plumbing, in seconds."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from qat.surgery import linear_layers
+    from qat.trainers.recipes import default_model_path
 
-    args = build_args(a, 4, workdir / "layout", {})
-    config = args.quant_config()
-    model = transformers.AutoModel.from_pretrained(args.model_name_or_path)
-    layers = [n for n, _ in linear_layers(model) if config.selects(n)]
-    return {"layers": len(layers), "group_size": config.group_size, "symmetric": config.symmetric,
-            "adapter_rank": args.adapter_rank}
+    out = workdir / "tiny-model"
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
 
 
 class Bench:
-    """What every row shares: tokenizer, data, the float model's held-out embeddings."""
+    """What every row shares: tokenizer, train data, calibration text, the float model and its dev embeddings.
+    The test split is not read here: ``test_scores`` reads it after tuning."""
 
     def __init__(self, a, workdir: Path):
-        from qat.trainers.data import build_datasets
+        from qat.trainers.data import tokenize
         from qat.trainers.run import load_model, load_tokenizer
 
         self.a, self.workdir = a, workdir
         self.args = build_args(a, 4, workdir / "shared", {})
         self.path = self.args.model_name_or_path
         self.tokenizer = load_tokenizer(self.path)
-        self.train_ds, self.eval_ds, self.texts = build_datasets(self.args, self.tokenizer)
-        self.float_model = load_model(self.path, "embedding").eval()
-        self.float_emb = self.embed(self.float_model)
+        from datasets import Dataset
 
-    def embed(self, model):
+        # the text qat's job trains on (--dataset corpus, max_train_samples): the same for every row
+        train_texts = corpus_sentences("train", a.train_sentences or None)
+        self.train_ds = tokenize(Dataset.from_dict({"text": train_texts}), self.tokenizer, self.args, "corpus")
+        self.calibration = corpus_sentences("train", a.calibration)
+        self.dev_texts = corpus_sentences("dev", a.dev_sentences)
+        self.float_model = load_model(self.path, "embedding").eval()
+        self.float_dev = self.embed(self.float_model, self.dev_texts)
+        self.dev_scored = 0  # how many models were scored on dev (the tuning work done)
+
+    def embed(self, model, texts):
         from qat.evaluation import sentence_embeddings
 
-        return sentence_embeddings(model.eval(), self.tokenizer, self.texts, max_length=self.args.max_length)
+        return sentence_embeddings(model.eval(), self.tokenizer, texts, max_length=self.args.max_length)
 
-    def score(self, model) -> dict:
+    def score_dev(self, model) -> dict:
         from qat.evaluation import embedding_agreement
 
-        return embedding_agreement(self.float_emb, self.embed(model))
+        self.dev_scored += 1
+        return embedding_agreement(self.float_dev, self.embed(model, self.dev_texts))
 
     def fresh_float(self):
         return copy.deepcopy(self.float_model)
 
-    def train(self, model, args):
-        """QATTrainer on any model with trainable parameters: same data, loss, optimizer and schedule."""
+    def train(self, model, bits: int, setting: dict):
+        """QATTrainer on any model with trainable parameters: the train split, the main job's loss and
+        schedule, the protocol's steps and batch, the setting's learning rate."""
         from qat.trainers.data import collator
         from qat.trainers.trainer import QATTrainer
 
+        args = build_args(self.a, bits, self.workdir / "baseline-train", {"adapter": "none", **setting})
         trainer = QATTrainer(model=model, args=args, teacher=self.fresh_float(), train_dataset=self.train_ds,
                              data_collator=collator(self.tokenizer, "embedding"), processing_class=self.tokenizer)
         return trainer.train()
 
-    def quantize_export_score(self, model, bits: float, init: str, name: str) -> dict:
-        """Post-training quantize a float model to the row's format (the job's own ``quantize``, same
-        layers and group as every qat row), export with qat, reload with transformers, score the reload."""
-        import qat
-        from qat.trainers.run import load_model, quantize
-
-        quantize(build_args(self.a, bits, self.workdir / name, {"quant_init": init}), model)
-        out = self.workdir / name
-        qat.export_model(model, out, tokenizer=self.tokenizer, source_dir=self.path, overwrite=True)
-        return self.score(load_model(str(out), "embedding"))
-
 
 # ---------------------------------------------------------------------------------------- methods
-def run_ptq(bench: Bench, bits: float, init: str) -> dict:
-    return bench.quantize_export_score(bench.fresh_float(), bits, init, f"ptq-{init}-{bits}")
+def qat_method(name: str, overrides: dict, a) -> Method:
+    from qat.trainers.recipes import DEFAULT_RECIPE
+
+    lr = overrides.get("learning_rate", DEFAULT_RECIPE["learning_rate"])
+    step_lr = overrides.get("step_learning_rate", DEFAULT_RECIPE["step_learning_rate"])
+    grid = tuple({"learning_rate": lr * f, "step_learning_rate": step_lr * f} for f in LR_FACTORS)
+    outside = overrides.get("adapter", "lora") != "none" and overrides.get("adapter_placement") == "outside"
+
+    def build(bench, bits, setting, out):
+        from qat.trainers.run import reload_export, run
+
+        args = build_args(bench.a, bits, out, {**overrides, **setting})
+        metrics = run(args)
+        export_dir = Path(metrics["export_dir"])
+        return (lambda: reload_export(args, export_dir)), export_dir
+
+    return Method(name, "float adapters" if outside else "pure", grid, build)
 
 
-def run_qat(bench: Bench, bits: float, method: str) -> dict:
-    from qat.trainers.run import run
-
-    extra = dict(QAT_METHODS[method])
-    if method == "qzo_steps":
-        extra.update(learning_rate=bench.a.zo_lr, step_learning_rate=bench.a.zo_lr, zo_eps=bench.a.zo_eps)
-    if method == "steps_only":
-        extra.update(step_learning_rate=bench.a.steps_lr)
-    args = build_args(bench.a, bits, bench.workdir / f"{method}-{bits}", extra)
-    metrics = run(args)
-    return dict(metrics["rows"]["qat"], export_max_abs_diff=metrics["export_max_abs_diff"])
-
-
-def lora_config(args):
-    """peft LoRA for the other tools' rows: the recipe's rank and alpha, on the layers qat quantizes."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=args.adapter_rank, lora_alpha=args.adapter_alpha, lora_dropout=0.0,
-                      target_modules=LORA_TARGETS)
+def methods(a) -> dict[str, Method]:
+    lr_grid = tuple({"learning_rate": BASELINE_LR * f} for f in LR_FACTORS)
+    out = {name: qat_method(name, overrides, a) for name, overrides in {**QAT_RECIPES, **a.recipe}.items()}
+    out.update({
+        "llmc_gptq": Method("llmc_gptq", "pure", tuple({"dampening": d} for d in GPTQ_DAMPENING),
+                            lambda b, bits, s, o: llmc_model(b, bits, "gptq", s, o)),
+        "llmc_rtn": Method("llmc_rtn", "pure", ({},), lambda b, bits, s, o: llmc_model(b, bits, "rtn", s, o)),
+        "qlora_nf4": Method("qlora_nf4", "pure", lr_grid, qlora_model),
+        "torchao": Method("torchao", "pure", lr_grid, torchao_model),
+    })
+    return out
 
 
-def train_qlora(bench: Bench):
-    """LoRA over an NF4 base (peft + bitsandbytes, as QLoRA users load it); trained once for every row."""
-    from peft import get_peft_model
-    from transformers import AutoModel, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                           llm_int8_skip_modules=["pooler"])
-    base = AutoModel.from_pretrained(bench.path, quantization_config=q, device_map="cpu", dtype=torch.float32)
-    model = get_peft_model(base, lora_config(bench.args))
-    start = time.perf_counter()
-    bench.train(model, build_args(bench.a, 4, bench.workdir / "qlora", {"adapter": "none"}))
-    return model, time.perf_counter() - start
-
-
-def qlora_merged_float(bench: Bench, peft_model):
-    """Float model with W = dequant_NF4(W0) + scaling * B A for every LoRA layer (the merge, done in float)."""
-    import bitsandbytes.functional as bnbf
-
-    model = bench.fresh_float()
-    for name, module in peft_model.base_model.model.named_modules():
-        if not hasattr(module, "lora_A"):
-            continue
-        w = bnbf.dequantize_4bit(module.base_layer.weight.data, module.base_layer.weight.quant_state).float()
-        delta = module.get_delta_weight("default").float()
-        model.get_submodule(name).weight.data.copy_(w + delta)
-    return model
+# ---------------------------------------------------------------------------------------- the protocol
+def tune(bench: Bench, method: Method, bits: int) -> dict:
+    """Try the first --budget settings of the method's grid, score each on dev, keep the best (by cosine)."""
+    tried, best = [], None
+    for i, setting in enumerate(method.grid[: bench.a.budget]):
+        start = time.perf_counter()
+        load, export_dir = method.build(bench, bits, setting, bench.workdir / f"{method.name}-w{bits}-{i}")
+        dev = bench.score_dev(load())
+        gc.collect()
+        tried.append({"setting": setting, "dev": dev, "seconds": time.perf_counter() - start,
+                      "export_dir": str(export_dir) if export_dir else None})
+        print(f"[quality] W{bits} {method.name} {setting}: dev {dev}", flush=True)
+        if best is None or dev["cosine"] > best[0]["dev"]["cosine"]:
+            best = (tried[-1], load)
+    chosen, load = best
+    return {"family": method.family, "setting": chosen["setting"], "dev": chosen["dev"],
+            "export_dir": chosen["export_dir"], "seconds": sum(t["seconds"] for t in tried), "tried": tried,
+            "measured_on": "exported + reloaded with transformers" if chosen["export_dir"] else
+                           "in memory (torchao's converted model; no export transformers reloads)",
+            "_load": load}
 
 
-def run_qlora_nf4(bench: Bench, peft_model) -> dict:
-    """bitsandbytes' own merge (dequantize, add, re-quantize to NF4), saved and reloaded with transformers."""
-    from transformers import AutoModel
+def test_scores(bench: Bench, results: dict) -> dict:
+    """The out-of-domain test split, read only now (every row is tuned): each chosen model scored once."""
+    from qat.evaluation import embedding_agreement
 
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    out = bench.workdir / "qlora-nf4"
-    shutil.rmtree(out, ignore_errors=True)
-    merged.save_pretrained(out)
-    reloaded = AutoModel.from_pretrained(out, device_map="cpu", dtype=torch.float32)
-    return bench.score(reloaded)
-
-
-def run_qlora_requant(bench: Bench, peft_model, bits: float) -> dict:
-    return bench.quantize_export_score(qlora_merged_float(bench, peft_model), bits, "mse", f"qlora-requant-{bits}")
-
-
-def run_torchao(bench: Bench, bits: float) -> dict:
-    """torchao's QAT flow: prepare (fake-quantized linears), peft LoRA on top, train, merge, convert."""
-    from peft import get_peft_model
-    from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
-    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
-
-    dtype = getattr(torch, f"int{int(bits)}")
-    is_encoder_linear = lambda m, fqn: isinstance(m, torch.nn.Linear) and ".encoder.layer." in f".{fqn}."  # noqa: E731
-    model = bench.fresh_float()
-    fake = IntxFakeQuantizeConfig(dtype, group_size=32, is_symmetric=True)
-    quantize_(model, QATConfig(weight_config=fake, step="prepare"), filter_fn=is_encoder_linear)
-    model.requires_grad_(False)
-    peft_model = get_peft_model(model, lora_config(bench.args))
-    bench.train(peft_model, build_args(bench.a, bits, bench.workdir / f"torchao-{bits}", {"adapter": "none"}))
-    merged = peft_model.merge_and_unload()
-    base = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(32))
-    quantize_(merged, QATConfig(base, step="convert"), filter_fn=is_encoder_linear)
-    return bench.score(merged)
-
-
-# ---------------------------------------------------------------------------------------- the grid
-NOT_RUN = {
-    ("qlora_nf4", "3"): "NF4 is 4-bit only", ("qlora_nf4", "2"): "NF4 is 4-bit only",
-    ("qlora_nf4", "ternary"): "NF4 is 4-bit only", ("torchao", "ternary"): "torchao has no ternary config",
-}
-
-
-def timed(fn, *args) -> dict:
-    start = time.perf_counter()
-    row = fn(*args)
-    row["seconds"] = time.perf_counter() - start
-    gc.collect()
-    return row
-
-
-def run_grid(a, workdir: Path) -> dict:
-    bench = Bench(a, workdir)
-    results = {b: {} for b in a.bits}
-    qlora = None
-    for bits_name in a.bits:
-        bits = BITS[bits_name]
-        for method in a.methods:
-            if (method, bits_name) in NOT_RUN:
-                results[bits_name][method] = {"not_run": NOT_RUN[(method, bits_name)]}
-                continue
-            print(f"[quality] W{bits_name} {method}", flush=True)
-            if method in PTQ_METHODS:
-                row = timed(run_ptq, bench, bits, method.split("_")[1])
-            elif method in QAT_METHODS:
-                row = timed(run_qat, bench, bits, method)
-            elif method == "torchao":
-                row = timed(run_torchao, bench, bits)
-            else:
-                if qlora is None:
-                    qlora = train_qlora(bench)
-                if method == "qlora_nf4":
-                    row = timed(run_qlora_nf4, bench, qlora[0])
-                else:
-                    row = timed(run_qlora_requant, bench, qlora[0], bits)
-                row["train_seconds"] = qlora[1]  # one QLoRA training serves every bit width
-            results[bits_name][method] = row
-            print(f"[quality] W{bits_name} {method}: {row}", flush=True)
-    return add_recovered(results)
-
-
-def add_recovered(results: dict) -> dict:
+    texts = ood_test_sentences(bench.a.test_sentences, seed=bench.a.seed)
+    float_test = bench.embed(bench.float_model, texts)
     for rows in results.values():
-        ptq = rows.get("ptq_mse", {}).get("cosine")
         for row in rows.values():
-            if ptq is not None and "cosine" in row and ptq < 1:
-                row["recovered"] = (row["cosine"] - ptq) / (1 - ptq)
-    return results
+            if (load := row.pop("_load", None)) is not None:
+                row["test"] = embedding_agreement(float_test, bench.embed(load(), texts))
+                gc.collect()
+    return {"sentences": len(texts)}
+
+
+def run_protocol(a, workdir: Path) -> tuple[dict, dict]:
+    bench = Bench(a, workdir)
+    table = methods(a)
+    results = {str(b): {} for b in a.bits}
+    for bits in a.bits:
+        for name in a.methods:
+            print(f"[quality] W{bits} {name}", flush=True)
+            try:
+                results[str(bits)][name] = tune(bench, table[name], bits)
+            except NotRun as why:
+                results[str(bits)][name] = {"family": table[name].family, "not_run": str(why)}
+    splits = {**corpus_info(), "dev_scored": len(bench.dev_texts), "calibration": len(bench.calibration),
+              "test": test_scores(bench, results)}
+    return results, splits
+
+
+# ---------------------------------------------------------------------------------------- command line
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", nargs="+", type=int, default=list(BITS), choices=list(BITS))
+    p.add_argument("--methods", nargs="+", default=None, help="rows (default: every qat recipe and baseline)")
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
+                   help="one more qat row: a name and recipe overrides as JSON")
+    p.add_argument("--budget", type=int, default=None, help="settings each method tries on dev (default 2)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every trained row (default 300)")
+    p.add_argument("--batch", type=int, default=None, help="sentences per step (default 32)")
+    p.add_argument("--train_sentences", type=int, default=None, help="train sentences used (default: all)")
+    p.add_argument("--dev_sentences", type=int, default=None, help="dev sentences scored (default 256)")
+    p.add_argument("--test_sentences", type=int, default=None, help="out-of-domain sentences (default 1024)")
+    p.add_argument("--calibration", type=int, default=None, help="calibration sentences (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="the out-of-domain sample's seed")
+    p.add_argument("--model", default=None, help="default: the packaged all-MiniLM-L6-v2")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny random BERT, 2 steps, 64 train / 16 dev / 16 test sentences, budget 1: the plumbing")
+    p.add_argument("--llmc_venv", default=DEFAULT_LLMC_VENV, help="llm-compressor's own virtual environment")
+    p.add_argument("--no_build_llmc", dest="build_llmc", action="store_false",
+                   help="do not build the llm-compressor venv when it is missing (its rows say so)")
+    p.add_argument("--out", default=None, help="results folder (default docs/benchmarks)")
+    p.add_argument("--page", default=None, help="page the table goes into, between its markers "
+                                                "(default docs/BENCHMARKS.md; with --out, OUT/BENCHMARKS.md)")
+    p.add_argument("--workdir", default=None, help="exports go here and are kept (default: a temporary folder)")
+    a = p.parse_args(argv)
+    small = {"budget": 1, "steps": 2, "batch": 4, "dev_sentences": 16, "test_sentences": 16, "calibration": 16,
+             "train_sentences": 64}
+    full = {"budget": 2, "steps": 300, "batch": 32, "dev_sentences": 256, "test_sentences": 1024, "calibration": 256,
+            "train_sentences": 0}
+    for key, value in (small if a.quick else full).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    try:
+        a.recipe = {k: json.loads(v) for k, v in (r.split("=", 1) for r in a.recipe)}
+    except ValueError:
+        p.error("--recipe takes NAME=JSON, e.g. --recipe qat_gptq='{\"quant_init\": \"gptq\"}'")
+    known = list(QAT_RECIPES) + list(a.recipe) + ["llmc_gptq", "llmc_rtn", "qlora_nf4", "torchao"]
+    a.methods = a.methods or known
+    if unknown := [m for m in a.methods if m not in known]:
+        p.error(f"unknown method(s) {unknown}: choose from {known} or add one with --recipe NAME=JSON")
+    return a
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--eval_sentences", type=int, default=256, help="held-out sentences scored")
-    p.add_argument("--steps_lr", type=float, default=1e-3, help="step learning rate of steps_only")
-    p.add_argument("--zo_lr", type=float, default=0.2, help="learning rate of qzo_steps (relative to each step)")
-    p.add_argument("--zo_eps", type=float, default=1e-2, help="relative perturbation of qzo_steps")
-    p.add_argument("--out", default=None, help="results folder (default docs/benchmarks)")
-    p.add_argument("--workdir", default=None, help="exports go here (default: a temporary folder)")
-    a = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse(argv)
     warnings.filterwarnings("ignore")
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="qat-quality-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if a.model is None:
+        from qat.trainers.recipes import default_model_path
+
+        a.model = tiny_model(workdir) if a.quick else default_model_path()
     start = time.perf_counter()
-    results = run_grid(a, workdir)
-    total = time.perf_counter() - start
-    lr_overrides = {m: v["learning_rate"] for m, v in QAT_METHODS.items() if "learning_rate" in v}
-    markdown, data = report(results, a, total, machine(), argv if argv is not None else sys.argv[1:],
-                            lr_overrides, quant_layout(a, workdir))
+    results, splits = run_protocol(a, workdir)
+    command = "python scripts/benchmarks/quality.py" + ("" if not argv else " " + " ".join(argv))
+    markdown, data = report(results, splits, a, time.perf_counter() - start, machine(), command)
     out = write_results("quality", markdown, data, a.out)
-    plot(results, out / "quality.png")
+    page = Path(a.page) if a.page else (out / "BENCHMARKS.md" if a.out else RESULTS_DIR.parent / "BENCHMARKS.md")
+    title = dict((n, t) for n, t, _ in SECTIONS)["quality"]
+    write_section(page, "quality", section_text("quality", title, command, out))
     print(markdown)
     if not a.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

