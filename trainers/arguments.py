@@ -17,9 +17,11 @@ from transformers import TrainingArguments
 from qat.adapters.init import INITS as ADAPTER_INITS
 from qat.adapters import AdapterConfig
 from qat.config import DEFAULT_EXCLUDE, QuantConfig
+from qat.quant_linear import TRAIN_MODES
+from qat.train_modes import check_train_mode
 
 TASKS = ("causal_lm", "seq_cls", "embedding")
-DISTILL_LOSSES = ("none", "kl", "cosine", "mse")
+DISTILL_LOSSES = ("none", "kl", "cosine", "mse", "hidden_mse")
 ZO_TARGETS = ("adapters", "steps", "both")
 
 
@@ -56,6 +58,14 @@ class QATArguments(TrainingArguments):
     step_learning_rate: float | None = field(default=None, metadata={"help": "LR of the steps; default learning_rate"})
     zero_point_learning_rate: float | None = field(default=None, metadata={"help": "default step_learning_rate"})
     fake_quant_start_step: int = field(default=0, metadata={"help": "train unquantized for this many steps first"})
+    train_mode: str = field(default="fake_quant", metadata={"help": f"one of {TRAIN_MODES}: codes re-rounded every "
+                                                                    "step / codes fixed, steps train (E2E-QP) / "
+                                                                    "float master weights (docs/TRAINING_MODES.md)"})
+    train_biases: bool = field(default=False, metadata={"help": "also train the quantized layers' biases"})
+    train_norms: bool = field(default=False, metadata={"help": "also train LayerNorm / RMSNorm parameters"})
+    keep_best: bool = field(default=True, metadata={"help": "score the dev split at step 0, every keep_best_steps "
+                                                            "and at the end; export the best state"})
+    keep_best_steps: int = field(default=50, metadata={"help": "steps between dev scores (0: start and end only)"})
     # ---------------------------------------------------------------- adapter
     adapter: str = field(default="lora", metadata={"help": "'lora', 'wht' or 'none' (steps only)"})
     adapter_rank: int = field(default=8)
@@ -108,6 +118,8 @@ class QATArguments(TrainingArguments):
             raise ValueError("distill='kl' needs logits: for task 'embedding' use 'cosine' or 'mse'")
         if self.task == "embedding" and self.distill == "none":
             raise ValueError("task 'embedding' has no labels: set distill to 'cosine' or 'mse'")
+        if self.keep_best_steps < 0:
+            raise ValueError(f"keep_best_steps={self.keep_best_steps}: use 0 (start and end only) or a step count")
         if self.zo_eps <= 0 or self.zo_num_perturbations < 1:
             raise ValueError("zo_eps must be > 0 and zo_num_perturbations >= 1")
         if self.zeroth_order and self.adapter == "none" and self.zo_targets != "steps":
@@ -116,6 +128,7 @@ class QATArguments(TrainingArguments):
             raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
         self.adapter_config()
+        check_train_mode(self.train_mode, self.quant_config(), self.adapter, self.adapter_placement)
         if self.deepspeed:  # refuse a config that would upcast the packed codes, before any engine exists
             from qat.trainers.deepspeed_utils import check_deepspeed_config
 

@@ -133,9 +133,18 @@ def calibrate(args: QATArguments, model, train_dataset) -> dict:
 
 
 def quantize(args: QATArguments, model):
-    """Freeze everything, then swap the linear layers for QuantLinear (steps trainable); in place."""
-    model.requires_grad_(False)  # only steps and adapters train
-    return qat.quantize_model(model, args.quant_config())
+    """Freeze everything, then swap the linear layers for QuantLinear (steps trainable); in place.
+    Then the recipe's train_mode (full_weight masters start from the float weights) and, when
+    asked, trainable biases / norms."""
+    from qat.train_modes import apply_train_mode, float_weights, unfreeze_biases_and_norms
+
+    model.requires_grad_(False)  # only steps and adapters train (and what train_mode adds)
+    weights = float_weights(model, args.quant_config()) if args.train_mode == "full_weight" else None
+    qat.quantize_model(model, args.quant_config())
+    if args.train_mode != "fake_quant":
+        apply_train_mode(model, args.train_mode, weights)
+    unfreeze_biases_and_norms(model, args.train_biases, args.train_norms)
+    return model
 
 
 def attach_adapters(args: QATArguments, model, calibration: dict) -> None:
@@ -290,7 +299,7 @@ def run(args: QATArguments) -> dict:
 
     trainer = QATTrainer(model=model, args=args, teacher=teacher, train_dataset=train_ds,
                          eval_dataset=eval_ds if args.eval_strategy != "no" else None,
-                         data_collator=collate, processing_class=tokenizer)
+                         data_collator=collate, processing_class=tokenizer, dev_dataset=eval_ds)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     if sharded:  # every rank takes part in the gather; the sharded model cannot run after the group ends
@@ -317,7 +326,8 @@ def run(args: QATArguments) -> dict:
 
 def write_report(args, trainer, result, rows, export_dir, max_diff) -> dict:
     out = Path(args.output_dir)
-    metrics = {"rows": rows, "export_dir": str(export_dir), "export_max_abs_diff": max_diff,
+    keep_best = trainer.keep_best.summary() if getattr(trainer, "keep_best", None) is not None else None
+    metrics = {"rows": rows, "export_dir": str(export_dir), "export_max_abs_diff": max_diff, "keep_best": keep_best,
                "train_runtime_s": result.metrics.get("train_runtime"), "train_loss": result.training_loss,
                "steps": trainer.state.global_step, "recipe": args.qat_dict()}
     if "cosine" in rows.get("qat", {}):

@@ -26,6 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from qat.adapters import is_adapter_name
 from qat.quant_linear import QuantLinear
 from qat.trainers import checkpoint as ckpt
+from qat.trainers.keep_best import KeepBest
 from qat.trainers.losses import distill_loss, model_inputs
 from qat.trainers.zeroth_order import ZOTensor, zo_step, zo_tensors
 
@@ -98,7 +99,7 @@ def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
 
 class QATTrainer(Trainer):
     def __init__(self, model=None, args=None, teacher: torch.nn.Module | None = None, recipe: dict | None = None,
-                 **kwargs):
+                 dev_dataset=None, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
         # Our losses are per-token / per-example means: let training_step divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -116,8 +117,19 @@ class QATTrainer(Trainer):
         if self.is_fsdp_enabled:
             self.add_callback(ShardedSetup(args.quantized_grads, args.seed))
         self.add_callback(FakeQuantSchedule(args.fake_quant_start_step))
+        self.keep_best = self._keep_best_callback(dev_dataset if dev_dataset is not None else self.eval_dataset)
         self._zo: list[ZOTensor] | None = None
         self._zo_micro = (-1, 0)  # (global step, micro-batch index) for the perturbation seed
+
+    def _keep_best_callback(self, dev) -> KeepBest | None:
+        """keep_best (on by default) scores a dev split at step 0, every keep_best_steps and at the end,
+        and leaves the best state in the model; off without a dev split (a Dataset) or when sharded."""
+        usable = dev is not None and hasattr(dev, "__len__") and not isinstance(dev, dict) and len(dev) > 0
+        if not (self.args.keep_best and usable) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None
+        callback = KeepBest(self, dev, self.args.keep_best_steps, self.args.per_device_eval_batch_size)
+        self.add_callback(callback)
+        return callback
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -166,12 +178,14 @@ class QATTrainer(Trainer):
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        outputs = model(**model_inputs(inputs, args.task))
+        # hidden_mse distils every layer's output: both models return their hidden states.
+        extra = {"output_hidden_states": True} if args.distill == "hidden_mse" and self.teacher is not None else {}
+        outputs = model(**model_inputs(inputs, args.task), **extra)
         task_loss = None if args.task == "embedding" else outputs.loss
         loss = task_loss
         if self.teacher is not None and args.distill != "none":
             with torch.no_grad():
-                teacher_out = self.teacher(**model_inputs(inputs, args.task))
+                teacher_out = self.teacher(**model_inputs(inputs, args.task), **extra)
             d = distill_loss(args.distill, args.task, outputs, teacher_out, inputs, args.distill_temperature)
             loss = d if task_loss is None else (1 - args.distill_weight) * task_loss + args.distill_weight * d
         if loss is None:
