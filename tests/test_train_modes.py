@@ -126,6 +126,11 @@ def test_full_weight_trains_master_weights_and_export_equals_the_fake_quant_forw
     _train(model, steps=5, lr=0.01)
     moved = sum(int((m.export_codes()[0] != m.base_codes()).sum()) for _, m in layers)
     assert moved > 0  # the float weights moved codes: the export must follow them, not the base
+    for name, m in layers:
+        assert not torch.equal(m.master_weight, weights[name])  # the master weights trained
+        scale, zero = m.fake_quant_steps()
+        want = P.quantize_codes(m.master_weight.detach(), scale.detach(), zero, 4, 32)  # round(clamp(W / s))
+        assert torch.equal(m.export_codes()[0], want), name
     expected = _logits(model)
     qat.export_model(model, tmp_path / "export")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()

@@ -338,6 +338,10 @@ def write_report(args, trainer, result, rows, export_dir, max_diff) -> dict:
     print("\n" + results_table(rows))
     if metrics.get("recovered") is not None:
         print(f"\nQAT recovers {100 * metrics['recovered']:.1f}% of the post-training cosine gap to the float model")
+    if keep_best is not None:
+        start = keep_best["history"][0]
+        print(f"keep_best: exported the state of step {keep_best['best_step']} (dev score {keep_best['best_dev_score']:.5f}; "
+              f"step {start['step']}: {start['dev_score']:.5f}; lower is better)")
     print(f"export: {export_dir} (reloaded with transformers, max |diff| {max_diff})")
     print(f"metrics: {out / 'metrics.json'}" + (f", loss plot: {out / 'loss.png'}" if plotted else ""))
     return metrics
