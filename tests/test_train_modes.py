@@ -161,3 +161,18 @@ def test_frozen_code_weight_equals_dequantize():
     codes = torch.randint(-8, 8, (4, 64), dtype=torch.int8)
     scale, zero = torch.rand(4, 2) + 0.1, torch.randint(-8, 8, (4, 2)).float()
     assert torch.equal(P.dequantize_frozen_codes(codes, scale, zero, 4, 32), P.dequantize(codes, scale, zero, 4, 32))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"train_mode": "frozen_codes"}, "adapter: none"),                          # default adapter: inside LoRA
+    ({"train_mode": "frozen_codes", "adapter": "none", "storage_bits": 8}, "drop storage_bits"),
+    ({"train_mode": "frozen"}, "train_mode='frozen': use one of"),
+    ({"keep_best_steps": -1}, "keep_best_steps=-1"),
+])
+def test_recipe_is_refused_before_loading_in_one_sentence(tmp_path, extra, message):
+    from qat.trainers import QATArguments
+
+    base = dict(output_dir=str(tmp_path), task="embedding", distill="hidden_mse", report_to="none")
+    with pytest.raises(ValueError, match=message) as err:
+        QATArguments(**{**base, **extra})
+    assert "\n" not in str(err.value)
