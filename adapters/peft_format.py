@@ -74,9 +74,14 @@ def detached_outside(model: nn.Module):
 
 @torch.no_grad()
 def export_with_peft(model: nn.Module, out_dir: str | Path, adapter_dir: str | Path, **export_kw) -> None:
-    """qat.export_model of the base plus save_peft of the outside LoRAs."""
+    """qat.export_model of the base plus save_peft of the outside LoRAs.
+
+    The base's config.json asks transformers to load it dense (``dequantize``), so the plain
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir), adapter_dir)`` works: peft
+    wraps ``nn.Linear`` layers, not compressed-tensors' packed ones.
+    """
     from qat.export import export_model
 
     with detached_outside(model):
-        export_model(model, out_dir, **export_kw)
+        export_model(model, out_dir, dequantize_on_load=True, **export_kw)
     save_peft(model, adapter_dir)

@@ -16,10 +16,23 @@ __all__ = [
     "quantize_model",
     "export_model",
     "load_quantized",
+    "get_qat_model",
+    "QATArguments",
+    "QATTrainer",
+    "QATSFTConfig",
+    "QATSFTTrainer",
 ]
+
+# The three-line switch (qat.api) and the trainers, imported on first use (they pull in transformers / trl).
+_LAZY = {"get_qat_model": "qat.api", "QATArguments": "qat.trainers", "QATTrainer": "qat.trainers",
+         "QATSFTConfig": "qat.trainers.trl", "QATSFTTrainer": "qat.trainers.trl"}
 
 
 def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     # export pulls in transformers/safetensors; import it on first use only.
     if name == "export_model":
         from qat.export import export_model

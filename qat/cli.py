@@ -12,6 +12,13 @@ import sys
 from pathlib import Path
 
 
+TERMS_EPILOG = """terms:
+  step          the float scale s of a quantization grid: a weight is stored as an integer
+                code q and used as s * (q - z); qat train learns the steps
+  group         the inputs of one output row that share a step (--group-size of them)
+  storage bits  the width of the frozen base codes under training (qat train --storage_bits)"""
+
+
 def _parse_bits(value: str) -> float:
     from qat.primitives import check_bits
 
@@ -22,13 +29,20 @@ def _parse_bits(value: str) -> float:
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=_parse_bits, default=4, help="2, 3, 4, 8 (or 5-7) or 1.58 (ternary); default 4")
-    p.add_argument("--group-size", type=int, default=32, help="steps per group of inputs; -1 = per channel (default 32)")
-    p.add_argument("--asymmetric", action="store_true", help="learned zero points (default symmetric)")
-    p.add_argument("--init", choices=["rtn", "mse"], default="mse", help="step init: absmax RTN or MSE search (default)")
-    p.add_argument("--exclude", action="append", default=None, help="regex of module names kept in float (repeatable)")
+    p.add_argument("--bits", type=_parse_bits, default=4,
+                   help="The integer width of the codes: 2, 3, 4, 5-8, or 1.58 for ternary (default 4).")
+    p.add_argument("--group-size", type=int, default=32,
+                   help="How many inputs of a row share one step (a group); -1 gives each output row one step "
+                        "(default 32).")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="Add a zero point per group, computed from the weights (default: a symmetric grid).")
+    p.add_argument("--init", choices=["rtn", "mse"], default="mse",
+                   help="How each step is chosen: 'rtn' takes absmax / qmax, 'mse' searches the step with the "
+                        "least squared error (default).")
+    p.add_argument("--exclude", action="append", default=None,
+                   help="A regex of module names kept in float; repeatable (default: the output and classifier heads).")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=KEY:VAL[,KEY:VAL]",
-                   help="per-layer settings, e.g. 'down_proj=bits:8' (repeatable)")
+                   help="Per-layer settings for mixed precision, e.g. 'down_proj=bits:8'; repeatable.")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -93,7 +107,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Re-export a qat / compressed-tensors checkpoint (e.g. to re-shard) and optionally push it."""
+    """Re-export a qat / compressed-tensors checkpoint (re-shard, or as GGUF) and optionally push it."""
     import qat
     from qat.export import prepare_target
 
@@ -103,7 +117,15 @@ def cmd_export(args) -> int:
         model = qat.load_quantized(src)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"qat: {err}") from None
-    qat.export_model(model, out, overwrite=args.overwrite, source_dir=src, max_shard_size=args.max_shard_size)
+    if args.format == "gguf":
+        from qat.gguf_export import export_gguf
+
+        try:
+            export_gguf(model, out, overwrite=args.overwrite, source_dir=src, float_type=args.gguf_float)
+        except ValueError as err:
+            raise SystemExit(f"qat: {err}") from None
+    else:
+        qat.export_model(model, out, overwrite=args.overwrite, source_dir=src, max_shard_size=args.max_shard_size)
     print(f"exported to {out}")
     if args.push_to_hub:
         from qat.hub import push_folder
@@ -125,26 +147,35 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qat", description="Quantization-aware fine-tuning for Hugging Face models.")
+    parser = argparse.ArgumentParser(prog="qat", description="Quantization-aware fine-tuning for Hugging Face models.",
+                                     epilog=TERMS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="quantization-aware training from a YAML recipe (qat train --help); "
                                  "no arguments: the default all-MiniLM-L6-v2 W4 job")
-    p = sub.add_parser("quantize", help="post-training quantization to a packed checkpoint (the QAT baseline)")
-    p.add_argument("--model", required=True, help="local model folder or Hub id")
-    p.add_argument("--out", required=True, help="export folder (must be new or empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p = sub.add_parser("quantize", help="post-training quantization to a packed checkpoint (the QAT baseline)",
+                       description="Post-training quantization: round every linear layer's weights to the grid\n"
+                                   "(no training) and write the packed compressed-tensors checkpoint.",
+                       epilog=TERMS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="The float model: a local folder or a Hub id.")
+    p.add_argument("--out", required=True, help="The export folder; it must be new or empty.")
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out (the new export is written "
+                                                            "beside it first).")
     _add_quant_args(p)
     p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("export", help="re-export a packed checkpoint; --push-to-hub uploads it")
-    p.add_argument("checkpoint", help="a pack-quantized folder (a qat export or another tool's)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this Hub repo")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("checkpoint", help="A pack-quantized folder (a qat export or another tool's).")
+    p.add_argument("--out", required=True, help="The new export folder; it must be new or empty.")
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out.")
+    p.add_argument("--max-shard-size", default="5GB", help="The largest weight file, e.g. 2GB (default 5GB).")
+    p.add_argument("--format", choices=["compressed-tensors", "gguf"], default="compressed-tensors",
+                   help="The file format; gguf is one llama.cpp file, Q4_0 / Q8_0 blocks of the same codes (symmetric, group 32, fp16 steps).")
+    p.add_argument("--gguf-float", choices=["f32", "f16"], default="f32",
+                   help="The GGUF type of the float tensors (embeddings, norms, head): f32 exact, f16 half the bytes.")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the export to this Hub repository.")
+    p.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("inspect", help="per-layer report (bits, group, bytes) of a packed checkpoint")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="A pack-quantized folder (a qat export or another tool's).")
     p.set_defaults(func=cmd_inspect)
     return parser
 

@@ -45,18 +45,24 @@ def _name_target(name: str) -> str:
     return "re:(?:.*\\.)?" + re.escape(name) + "$"
 
 
-def quantization_config(model: nn.Module) -> dict:
-    """The ``quantization_config`` block of config.json: one config group per distinct format."""
+def quantization_config(model: nn.Module, dequantize: bool = False) -> dict:
+    """The ``quantization_config`` block of config.json: one config group per distinct format.
+
+    ``dequantize``: transformers decompresses the packed layers to dense ``nn.Linear`` at load (same
+    numerics), which is what peft needs to put a LoRA on them (peft cannot wrap compressed-tensors'
+    compressed layers, which hold ``weight_packed`` and no ``weight``); vLLM ignores the key.
+    """
     layers = quant_layers(model)
     groups: dict[tuple, list[str]] = {}
     for name, layer in layers:
         spec = layer.spec
-        key = (spec.export_bits, None if spec.group_size is None else layer.group_size, spec.symmetric)
+        key = (spec.export_bits, None if spec.group_size is None else layer.group_size, spec.symmetric,
+               spec.init, str(layer.scale_dtype))
         groups.setdefault(key, []).append(name)
     quantized = {n for n, _ in layers}
     ignore = [n for n, _ in linear_layers(model) if n not in quantized]
     config_groups = {}
-    for i, ((bits, group_size, symmetric), names) in enumerate(sorted(groups.items(), key=str)):
+    for i, ((bits, group_size, symmetric, init, scale_dtype), names) in enumerate(sorted(groups.items(), key=str)):
         config_groups[f"group_{i}"] = {
             "targets": ["Linear"] if len(groups) == 1 else [_name_target(n) for n in names],
             "weights": {
@@ -67,7 +73,9 @@ def quantization_config(model: nn.Module) -> dict:
                 "group_size": group_size,
                 "dynamic": False,
                 "actorder": None,
-                "observer": "minmax",
+                # What set the steps before training: MSE search, or absmax (compressed-tensors' minmax).
+                "observer": OBSERVERS[init],
+                "scale_dtype": scale_dtype,  # the dtype weight_scale is saved in ("torch.float32", ...)
             },
             "input_activations": None,
             "output_activations": None,
@@ -75,13 +83,14 @@ def quantization_config(model: nn.Module) -> dict:
         }
     config = {
         "quant_method": "compressed-tensors",
+        "version": _compressed_tensors_version(),
         "format": "pack-quantized",
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
     }
-    if any(not layer.spec.symmetric for _, layer in layers):
+    if dequantize or any(not layer.spec.symmetric for _, layer in layers):
         # transformers + compressed-tensors 0.20 build the compressed layout on the meta device,
         # where the asymmetric zero point is left unpacked ([out, G]) while the checkpoint holds
         # it packed along dim 0 ([ceil(out*b/32), G], the format vLLM reads): the plain load
@@ -92,7 +101,43 @@ def quantization_config(model: nn.Module) -> dict:
     return config
 
 
-def _check_exportable(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+OBSERVERS = {"mse": "mse", "rtn": "minmax"}  # qat's step init -> compressed-tensors observer name
+
+
+def _compressed_tensors_version() -> str:
+    """The compressed-tensors version whose pack-quantized layout qat writes (as llm-compressor records it)."""
+    from importlib.metadata import version
+
+    return version("compressed-tensors")
+
+
+def _weights_format(weights: dict) -> tuple:
+    group = weights.get("group_size") if weights.get("strategy") == "group" else None
+    return int(weights.get("num_bits", 0)), group, bool(weights.get("symmetric", True))
+
+
+def keep_source_fields(config: dict, source: Path | None) -> dict:
+    """A re-export of a compressed-tensors checkpoint (another tool's, e.g. llm-compressor's) keeps
+    its quantization_config (actorder, observer, version, sparsity_config, transform_config, ...)
+    when it describes the same formats as the tensors written; otherwise ``config`` as computed."""
+    path = source / "config.json" if source is not None else None
+    if path is None or not path.is_file():
+        return config
+    prior = (json.loads(path.read_text()).get("quantization_config") or {})
+    if prior.get("quant_method") != "compressed-tensors" or prior.get("format") != "pack-quantized":
+        return config
+    mine = {_weights_format(g["weights"]) for g in config["config_groups"].values()}
+    theirs = {_weights_format(g.get("weights") or {}) for g in prior.get("config_groups", {}).values()}
+    if mine != theirs:
+        return config
+    merged = copy.deepcopy(prior)
+    merged["quantization_status"] = "compressed"
+    if "dequantize" in config:
+        merged["dequantize"] = config["dequantize"]
+    return merged
+
+
+def check_exportable(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     layers = quant_layers(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layers: run qat.quantize_model(model, config) first")
@@ -159,7 +204,7 @@ def packed_state_dict(model: nn.Module, gather=None, keep: bool = True,
     saved once, under its first key, and tied again on load.
     """
     gather = gather or (lambda module, recurse=True: contextlib.nullcontext())
-    layers = dict(_check_exportable(model))
+    layers = dict(check_exportable(model))
     skip = tuple(f"{n}." for n in layers)
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -212,7 +257,7 @@ def _copy_source_files(source: Path | None, folder: Path) -> None:
             shutil.copytree(source / name, folder / name)
 
 
-def _layer_records(layers) -> dict:
+def layer_records(layers) -> dict:
     return {
         name: dict(bits=layer.spec.bits, group_size=layer.group_size, symmetric=layer.spec.symmetric,
                    storage_bits=layer.spec.storage_bits)
@@ -231,6 +276,7 @@ def export_model(
     recipe: dict | None = None,
     base_model: str | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    dequantize_on_load: bool = False,
 ) -> Path:
     """Write ``model`` (with QuantLinear layers) as a compressed-tensors pack-quantized folder.
 
@@ -238,11 +284,12 @@ def export_model(
     tokenizer, generation config and sentence-transformers files; ``tokenizer`` is saved if given.
     ``recipe`` (any JSON-able dict: the training recipe) goes into the model card and
     ``qat_config.json``. ``state`` is a precomputed :func:`packed_state_dict` (a sharded model's,
-    gathered by ``qat.trainers.sharded_export``); None computes it here. Returns the export folder.
+    gathered by ``qat.trainers.sharded_export``); None computes it here. ``dequantize_on_load``: config.json
+    asks transformers to load the layers dense (for a peft adapter on top). Returns the export folder.
     """
     out_dir = Path(out_dir)
     prepare_target(out_dir, overwrite)
-    layers = _check_exportable(model)
+    layers = check_exportable(model)
     if source_dir is None and getattr(model, "name_or_path", None):
         source_dir = model.name_or_path
     source = Path(source_dir) if source_dir else None
@@ -252,7 +299,7 @@ def export_model(
         state = packed_state_dict(model) if state is None else state
         _write_weights(state, tmp, max_shard_size)
         config = copy.deepcopy(model.config)  # the live model keeps its float config
-        config.quantization_config = quantization_config(model)
+        config.quantization_config = keep_source_fields(quantization_config(model, dequantize_on_load), source)
         config.architectures = [_architecture(model)]  # as save_pretrained records it
         config.save_pretrained(tmp)
         _copy_source_files(source, tmp)
@@ -261,13 +308,13 @@ def export_model(
         qat_config = getattr(model, "qat_config", None)
         meta = {
             "quant_config": qat_config.to_dict() if qat_config is not None else None,
-            "layers": _layer_records(layers),
+            "layers": layer_records(layers),
             "recipe": recipe,
         }
         (tmp / QAT_CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
         write_model_card(tmp, model, layers, base_model=base_model or (str(source) if source else None),
                          recipe=recipe, state=state)
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -285,7 +332,7 @@ def _architecture(model: nn.Module) -> str:
     return cls.__name__
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+def swap_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is removed only once the new one is in."""
     if not out_dir.exists():
         tmp.rename(out_dir)

@@ -98,6 +98,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.group_size = P.check_group_size(in_features, spec.group_size, name)
         self.scale_dtype = dtype  # dtype the steps are saved in and the weight is rebuilt in
+        # A narrower float the steps are rounded to in the forward (fp16 for GGUF / fp16 runtimes,
+        # whose files hold fp16 steps), so training sees the step the runtime will; None: no rounding.
+        self.step_dtype: torch.dtype | None = None
         self.fake_quant_enabled = True
         self.train_mode = "fake_quant"  # see the module docstring; set_train_mode changes it
         self.adapter: nn.Module | None = None
@@ -234,7 +237,12 @@ class QuantLinear(nn.Module):
 
     def fake_quant_steps(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Cast (autograd-transparent) to the saved dtype so training sees the exported step.
-        return self.weight_scale.to(self.scale_dtype), self.weight_zero_point
+        scale = self.weight_scale
+        if self.step_dtype is not None:
+            # Value rounded through step_dtype, gradient straight through in fp32 (no fp16
+            # underflow of small step gradients); s + (r - s) == r exactly (Sterbenz).
+            scale = scale + (scale.to(self.step_dtype).to(scale.dtype) - scale).detach()
+        return scale.to(self.scale_dtype), self.weight_zero_point
 
     def pre_quant_weight(self) -> torch.Tensor:
         """W0 (or the full_weight master W) (+ D for an inside adapter), [out, in] fp32: what

@@ -58,15 +58,24 @@ def apply_train_mode(model: nn.Module, mode: str, weights: dict[str, torch.Tenso
     return len(layers)
 
 
-def unfreeze_biases_and_norms(model: nn.Module, biases: bool, norms: bool) -> list[str]:
-    """Make the quantized layers' biases and every LayerNorm / RMSNorm parameter trainable (they
-    export as they are, in float); returns the names made trainable."""
+def bias_and_norm_names(model: nn.Module, biases: bool, norms: bool) -> list[str]:
+    """Names of the quantized layers' biases (``biases``) and of every LayerNorm / RMSNorm
+    parameter (``norms``): what ``train_biases`` / ``train_norms`` make trainable."""
     names = []
     for prefix, module in model.named_modules():
         is_norm = isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
         for pname, p in module.named_parameters(recurse=False):
             take = (biases and isinstance(module, QuantLinear) and pname == "bias") or (norms and is_norm)
-            if take and p is not None and p.is_floating_point():
-                p.requires_grad_(True)
+            if take and p.is_floating_point():
                 names.append(f"{prefix}.{pname}" if prefix else pname)
+    return names
+
+
+def unfreeze_biases_and_norms(model: nn.Module, biases: bool, norms: bool) -> list[str]:
+    """Make the quantized layers' biases and every LayerNorm / RMSNorm parameter trainable (they
+    export as they are, in float); returns the names made trainable."""
+    names = bias_and_norm_names(model, biases, norms)
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
     return names

@@ -176,3 +176,25 @@ def test_recipe_is_refused_before_loading_in_one_sentence(tmp_path, extra, messa
     with pytest.raises(ValueError, match=message) as err:
         QATArguments(**{**base, **extra})
     assert "\n" not in str(err.value)
+
+
+def test_trainer_takes_master_weights_biases_and_norms_the_recipe_asks_for(tmp_path):
+    from datasets import Dataset
+
+    from qat.trainers import QATArguments, QATTrainer, parameter_groups
+    from qat.trainers.run import prepare_model
+
+    args = QATArguments(output_dir=str(tmp_path), task="causal_lm", adapter="none", train_mode="full_weight",
+                        train_norms=True, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+                        report_to="none", save_steps=100, disable_tqdm=True, dataloader_pin_memory=False)
+    model = prepare_model(args, tiny_llama(), None)
+    norms = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+    masters = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("master_weight")}
+    assert len(masters) == 14 and norms and all(model.get_parameter(n).requires_grad for n in norms)
+    groups = {g["name"]: g for g in parameter_groups(model, args)}
+    assert len(groups["master_weights"]["params"]) == 14
+    ids = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    QATTrainer(model=model, args=args, train_dataset=data).train()  # check_trainable lets them through
+    assert all(not torch.equal(model.get_parameter(n), w) for n, w in masters.items())
+    assert any(not torch.equal(model.get_parameter(n), w) for n, w in norms.items())

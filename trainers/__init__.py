@@ -4,7 +4,9 @@
     trainer = QATTrainer(model=quantized_model, args=args, teacher=float_model, train_dataset=...)
     trainer.train()
 
-or from the shell: ``qat train --config RECIPE.yaml`` / ``accelerate launch scripts/train.py --config ...``.
+From a Trainer + peft script: ``model = qat.get_qat_model(model, lora_config, bits=4, group_size=32)`` and
+``qat.QATTrainer`` for ``Trainer`` (plain TrainingArguments work); TRL: ``qat.QATSFTTrainer``
+(``qat.trainers.trl``). See docs/QUICKSTART.md. Or from the shell: ``qat train --config RECIPE.yaml`` / ``accelerate launch scripts/train.py --config ...``.
 """
 
 from qat.trainers.arguments import QATArguments

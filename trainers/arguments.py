@@ -28,36 +28,59 @@ ZO_TARGETS = ("adapters", "steps", "both")
 @dataclass
 class QATArguments(TrainingArguments):
     # ---------------------------------------------------------------- model and task
-    model_name_or_path: str = field(default="", metadata={"help": "local model folder or Hub id"})
-    task: str = field(default="causal_lm", metadata={"help": f"one of {TASKS}; 'embedding' = sentence encoder"})
-    max_length: int = field(default=128, metadata={"help": "tokens per training example"})
+    model_name_or_path: str = field(default="", metadata={"help": "The model to train: a local folder or a Hub id."})
+    task: str = field(default="causal_lm", metadata={"help":
+        f"What the model learns, one of {TASKS}; 'embedding' is a sentence encoder distilled from its float "
+        "self."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per training example; longer ones are cut."})
     # ---------------------------------------------------------------- data
-    dataset: str = field(default="", metadata={"help": "file (txt/json/jsonl/parquet/csv), saved dataset folder, "
-                                                         "Hub name, or 'pydoc' (the standard library's docs)"})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name"})
-    train_split: str = field(default="train")
-    eval_dataset: str | None = field(default=None, metadata={"help": "like `dataset`; default: hold out eval_ratio"})
-    eval_ratio: float = field(default=0.05, metadata={"help": "share held out for evaluation when no eval_dataset"})
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=256)
-    text_column: str = field(default="text")
-    messages_column: str = field(default="messages", metadata={"help": "chat data: list of {role, content}"})
-    label_column: str = field(default="label", metadata={"help": "seq_cls labels"})
-    packing: bool = field(default=True, metadata={"help": "causal_lm: concatenate texts into max_length blocks"})
+    dataset: str = field(default="", metadata={"help":
+        "The training data: a txt / json / jsonl / parquet / csv file, a save_to_disk folder, a Hub name, or "
+        "'pydoc' (the Python standard library's docs)."})
+    dataset_config: str | None = field(default=None, metadata={"help":
+        "The Hub dataset's config name, if it has several."})
+    train_split: str = field(default="train", metadata={"help": "The split of `dataset` to train on."})
+    eval_dataset: str | None = field(default=None, metadata={"help":
+        "Held-out data, given like `dataset`; when unset, eval_ratio of `dataset` is held out."})
+    eval_ratio: float = field(default=0.05, metadata={"help":
+        "The share of `dataset` held out for evaluation when eval_dataset is unset."})
+    max_train_samples: int | None = field(default=None, metadata={"help":
+        "Train on at most this many examples (all when unset)."})
+    max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on at most this many examples."})
+    text_column: str = field(default="text", metadata={"help": "The column of plain text (TRL's 'text' format)."})
+    messages_column: str = field(default="messages", metadata={"help":
+        "The column of chat data, lists of {role, content}; the loss counts the assistant turns."})
+    label_column: str = field(default="label", metadata={"help": "The column of class labels (task seq_cls)."})
+    packing: bool = field(default=True, metadata={"help":
+        "For plain text: concatenate the texts and cut them into max_length blocks (chat and "
+        "prompt/completion data are never packed)."})
     # ---------------------------------------------------------------- quantizer
-    bits: float = field(default=4, metadata={"help": "2, 3, 4, 8 (5-7) or 1.58 (ternary)"})
-    group_size: int = field(default=32, metadata={"help": "inputs per step; -1 = one step per output channel"})
-    symmetric: bool = field(default=True)
-    storage_bits: int | None = field(default=None, metadata={"help": "frozen base width; default = bits"})
-    quant_init: str = field(default="mse", metadata={"help": "step init: 'mse' or 'rtn'"})
-    quant_include: list[str] = field(default_factory=lambda: [r".*"])
-    quant_exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
-    quant_overrides: dict = field(default_factory=dict, metadata={"help": "{regex: {bits: 8, ...}}"})
-    learn_scale: bool = field(default=True, metadata={"help": "train the steps (LSQ)"})
-    learn_zero_point: bool = field(default=True)
-    step_learning_rate: float | None = field(default=None, metadata={"help": "LR of the steps; default learning_rate"})
-    zero_point_learning_rate: float | None = field(default=None, metadata={"help": "default step_learning_rate"})
-    fake_quant_start_step: int = field(default=0, metadata={"help": "train unquantized for this many steps first"})
+    bits: float = field(default=4, metadata={"help": "The trained integer width: 2, 3, 4, 5-8, or 1.58 for ternary."})
+    group_size: int = field(default=32, metadata={"help":
+        "How many inputs of a row share one step (a group); -1 gives each output row one step."})
+    symmetric: bool = field(default=True, metadata={"help":
+        "A grid symmetric around zero; false adds a zero point per group (asymmetric)."})
+    storage_bits: int | None = field(default=None, metadata={"help":
+        "The width of the frozen base codes (storage bits); unset means the same as bits."})
+    quant_init: str = field(default="mse", metadata={"help":
+        "How the steps start: 'mse' searches the step with the least squared error, 'rtn' takes absmax / "
+        "qmax."})
+    quant_include: list[str] = field(default_factory=lambda: [r".*"], metadata={"help":
+        "Regexes of the linear layers to quantize (matched anywhere in the name)."})
+    quant_exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE), metadata={"help":
+        "Regexes of the linear layers kept in float (by default the output head and classifier heads)."})
+    quant_overrides: dict = field(default_factory=dict, metadata={"help":
+        "Per-layer settings for mixed precision, e.g. {down_proj: {bits: 8}}; the first matching regex wins."})
+    learn_scale: bool = field(default=True, metadata={"help":
+        "Train the steps (LSQ); false keeps them at their start."})
+    learn_zero_point: bool = field(default=True, metadata={"help":
+        "Train the zero points of an asymmetric grid (LSQ+)."})
+    step_learning_rate: float | None = field(default=None, metadata={"help":
+        "The learning rate of the steps; unset means learning_rate."})
+    zero_point_learning_rate: float | None = field(default=None, metadata={"help":
+        "The learning rate of the zero points; unset means step_learning_rate."})
+    fake_quant_start_step: int = field(default=0, metadata={"help":
+        "Train without rounding for this many steps first, then quantized."})
     train_mode: str = field(default="fake_quant", metadata={"help": f"one of {TRAIN_MODES}: codes re-rounded every "
                                                                     "step / codes fixed, steps train (E2E-QP) / "
                                                                     "float master weights (docs/TRAINING_MODES.md)"})
@@ -67,33 +90,55 @@ class QATArguments(TrainingArguments):
                                                             "and at the end; export the best state"})
     keep_best_steps: int = field(default=50, metadata={"help": "steps between dev scores (0: start and end only)"})
     # ---------------------------------------------------------------- adapter
-    adapter: str = field(default="lora", metadata={"help": "'lora', 'wht' or 'none' (steps only)"})
-    adapter_rank: int = field(default=8)
-    adapter_alpha: float = field(default=16.0)
-    adapter_dropout: float = field(default=0.0)
-    adapter_placement: str = field(default="inside", metadata={"help": "'inside' (exact merge) or 'outside'"})
-    adapter_targets: list[str] = field(default_factory=lambda: [r".*"])
-    adapter_init: str = field(default="zero", metadata={"help": f"one of {ADAPTER_INITS}"})
-    adapter_init_iters: int = field(default=AdapterConfig.init_iters, metadata={"help": "LoftQ alternations"})
-    adapter_init_steps: int = field(default=AdapterConfig.init_steps,
-                                    metadata={"help": "Adam steps of the inside 'refine' init"})
-    calibration_samples: int = field(default=128, metadata={"help": "examples for error-aware adapter inits"})
+    adapter: str = field(default="lora", metadata={"help":
+        "The adapter trained with the steps: 'lora', 'wht' (Walsh-Hadamard) or 'none' (steps only)."})
+    adapter_rank: int = field(default=8, metadata={"help": "The LoRA rank (for wht: the same budget of values)."})
+    adapter_alpha: float = field(default=16.0, metadata={"help":
+        "The LoRA scale numerator: the update is scaled by alpha / rank."})
+    adapter_dropout: float = field(default=0.0, metadata={"help":
+        "Dropout on the adapter's input (outside placement only)."})
+    adapter_placement: str = field(default="inside", metadata={"help":
+        "Where the adapter sits: 'inside' rounds it with the weight and merges it into the export exactly; "
+        "'outside' adds it after the quantized layer (QLoRA, peft format)."})
+    adapter_targets: list[str] = field(default_factory=lambda: [r".*"], metadata={"help":
+        "Regexes of the quantized layers that get an adapter."})
+    adapter_init: str = field(default="zero", metadata={"help":
+        f"How the adapter starts, one of {ADAPTER_INITS}; 'zero' changes nothing at step 0."})
+    adapter_init_iters: int = field(default=AdapterConfig.init_iters, metadata={"help":
+        "The alternations of the LoftQ adapter init."})
+    adapter_init_steps: int = field(default=AdapterConfig.init_steps, metadata={"help":
+        "The Adam steps of the inside 'refine' adapter init."})
+    calibration_samples: int = field(default=128, metadata={"help":
+        "Examples run through the float model for the error-aware adapter inits."})
     # ---------------------------------------------------------------- distillation
-    distill: str = field(default="none", metadata={"help": f"teacher loss, one of {DISTILL_LOSSES}"})
-    distill_weight: float = field(default=1.0, metadata={"help": "loss = (1-w) task + w distill"})
-    distill_temperature: float = field(default=1.0)
+    distill: str = field(default="none", metadata={"help":
+        f"The loss to the float model (the teacher), one of {DISTILL_LOSSES}; 'none' trains on the labels "
+        "only."})
+    distill_weight: float | None = field(default=None, metadata={"help":
+        "The weight w in loss = (1 - w) task + w distill; unset means 0.5 when there are labels, 1 for embedding."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "The softmax temperature of the 'kl' loss."})
     # ---------------------------------------------------------------- zeroth-order (optim: zo)
-    zo_eps: float = field(default=1e-3, metadata={"help": "SPSA perturbation size"})
-    zo_targets: str = field(default="adapters", metadata={"help": f"what ZO perturbs: {ZO_TARGETS}"})
-    zo_num_perturbations: int = field(default=1)
-    zo_clip: float | None = field(default=None, metadata={"help": "clip the directional derivative (QZO)"})
+    zo_eps: float = field(default=1e-3, metadata={"help": "With optim zo: the size of the SPSA perturbation."})
+    zo_targets: str = field(default="adapters", metadata={"help":
+        f"With optim zo: what is perturbed, one of {ZO_TARGETS}."})
+    zo_num_perturbations: int = field(default=1, metadata={"help":
+        "With optim zo: perturbation directions averaged per step."})
+    zo_clip: float | None = field(default=None, metadata={"help":
+        "With optim zo: clip the directional derivative to this size (QZO); unset means no clipping."})
     # ---------------------------------------------------------------- distributed
-    quantized_grads: str | None = field(default=None, metadata={"help": "FSDP2: reduce-scatter gradients as "
-                                                                        "'int8' or 'int4' (stochastic rounding)"})
+    quantized_grads: str | None = field(default=None, metadata={"help":
+        "FSDP2 only: reduce-scatter the gradients as 'int8' or 'int4' (stochastic rounding)."})
     # ---------------------------------------------------------------- export
-    export_dir: str | None = field(default=None, metadata={"help": "default <output_dir>/export"})
-    verify_export: bool = field(default=True, metadata={"help": "reload the export and compare outputs"})
-    overwrite_output: bool = field(default=False, metadata={"help": "allow a non-empty output_dir"})
+    export_dir: str | None = field(default=None, metadata={"help":
+        "Where the packed export goes; unset means <output_dir>/export."})
+    verify_export: bool = field(default=True, metadata={"help":
+        "Reload the export with transformers and compare its outputs with the trained model's."})
+    overwrite_output: bool = field(default=False, metadata={"help":
+        "Allow writing into a non-empty output_dir (an existing export is replaced only at the end)."})
+    export_format: str | None = field(default=None, metadata={"help":
+        "The export format, 'compressed-tensors' or 'gguf' (llama.cpp Q4_0 / Q8_0); unset means the format `serving` reads."})
+    serving: str | None = field(default=None, metadata={"help":
+        "The runtime the export is for: transformers, vllm-gpu, vllm-cpu or llama.cpp; checked before training."})
 
     def __post_init__(self):
         # `optim: zo` is ours; the Trainer still gets a real optimizer name (SGD without momentum) whose
@@ -112,6 +157,8 @@ class QATArguments(TrainingArguments):
                                      ("adapter", self.adapter, ("lora", "wht", "none"))):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}: use one of {allowed}")
+        if self.distill_weight is None:  # the labels count unless the user says otherwise (embedding has none)
+            self.distill_weight = 1.0 if self.task == "embedding" else 0.5
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight={self.distill_weight}: use a value in [0, 1]")
         if self.distill == "kl" and self.task == "embedding":
@@ -126,9 +173,16 @@ class QATArguments(TrainingArguments):
             raise ValueError("optim 'zo' with adapter 'none' has no adapters to perturb: set zo_targets: steps")
         if self.quantized_grads not in (None, "int8", "int4"):
             raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
+        check_data_parallel(self)
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
         self.adapter_config()
         check_train_mode(self.train_mode, self.quant_config(), self.adapter, self.adapter_placement)
+        from qat.serving import check_serving  # the target's kernels take every layer format, or refuse now
+
+        self.export_format = check_serving(
+            self.serving, self.export_format, self.quant_config(), task=self.task,
+            outside_adapter=self.adapter != "none" and self.adapter_placement == "outside",
+            sharded=bool(self.fsdp) or bool(self.deepspeed))
         if self.deepspeed:  # refuse a config that would upcast the packed codes, before any engine exists
             from qat.trainers.deepspeed_utils import check_deepspeed_config
 
@@ -153,6 +207,24 @@ class QATArguments(TrainingArguments):
         """The qat fields only (what a recipe file adds to TrainingArguments)."""
         base = {f.name for f in dataclasses.fields(TrainingArguments)}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in base}
+
+
+def check_data_parallel(args: TrainingArguments) -> None:
+    """Refuse a multi-process launch that would not be data parallel, before any work.
+
+    torchrun on a machine without GPUs starts the processes and the process group, but unless
+    ``use_cpu`` is set accelerate runs the job as distributed type NO: no gradient all-reduce, each rank
+    trains its share of the data alone and rank 0 saves a half-trained model.
+    """
+    import os
+
+    from accelerate.utils import DistributedType
+
+    started = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch for each process
+    if started > 1 and args.distributed_state.distributed_type == DistributedType.NO:
+        raise ValueError(f"{started} processes were started but accelerate runs this job without data parallelism "
+                         "(no GPU and use_cpu is false), so each would train alone: pass --use_cpu true "
+                         "(TrainingArguments(use_cpu=True)) to train data parallel on CPUs")
 
 
 def field_names() -> list[str]:

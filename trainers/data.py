@@ -1,8 +1,11 @@
 """Training data: load (local files, saved datasets, the Hub, or the built-in 'pydoc' corpus) and tokenise.
 
 Per task:
-  causal_lm   text -> packed blocks of max_length (labels = inputs), or chat `messages` -> one example
-              per conversation with the loss on the assistant turns only (labels -100 elsewhere)
+  causal_lm   TRL's three dataset formats:
+              `text` -> packed blocks of max_length (labels = inputs);
+              chat `messages` -> one example per conversation, the loss on the assistant turns only;
+              `prompt` + `completion` (strings, or lists of {role, content} rendered with the chat
+              template) -> one example each, the loss on the completion only (labels -100 elsewhere)
   seq_cls     text + label column
   embedding   text, truncated to max_length (distilled from the teacher's hidden states: no labels)
 """
@@ -95,6 +98,35 @@ def chat_example(tokenizer, messages: list[dict], max_length: int) -> dict:
     return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
 
 
+def prompt_completion_example(tokenizer, prompt, completion, max_length: int) -> dict:
+    """Token ids of prompt + completion; labels keep only the completion's tokens (TRL's default).
+
+    Plain strings: the completion is tokenized without special tokens after the prompt and ends with EOS.
+    Conversations (lists of {role, content}): the prompt rendered with the generation prompt is the
+    prefix of the whole conversation rendered; the tokens after it are the completion.
+    """
+    if isinstance(prompt, str) != isinstance(completion, str):
+        raise ValueError("prompt and completion must both be strings or both be lists of {role, content} messages")
+    if isinstance(prompt, str):
+        head = tokenizer(prompt)["input_ids"]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        tail = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+        full = head + tail
+    else:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("conversational prompt/completion data needs a tokenizer with a chat template")
+        head = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False))
+    labels = [IGNORE_INDEX] * len(head) + full[len(head):]
+    full, labels = full[:max_length], labels[:max_length]
+    return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
+
+
+def _tokenize_prompt_completion(ds, tokenizer, max_length):
+    return ds.map(lambda ex: prompt_completion_example(tokenizer, ex["prompt"], ex["completion"], max_length),
+                  remove_columns=ds.column_names)
+
+
 def _tokenize_chat(ds, tokenizer, column, max_length):
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat data needs a tokenizer with a chat template (tokenizer.chat_template is empty)")
@@ -105,7 +137,10 @@ def tokenize(ds: Dataset, tokenizer, args, spec: str) -> Dataset:
     if args.task == "causal_lm":
         if args.messages_column in ds.column_names:
             return _tokenize_chat(ds, tokenizer, args.messages_column, args.max_length)
-        _require(ds, args.text_column, "text_column", spec, also=" (or `messages_column` for chat data)")
+        if {"prompt", "completion"} <= set(ds.column_names):
+            return _tokenize_prompt_completion(ds, tokenizer, args.max_length)
+        _require(ds, args.text_column, "text_column", spec,
+                 also=" (or `messages_column` for chat data, or `prompt` and `completion` columns)")
         if args.packing:
             return _pack(ds, tokenizer, args.text_column, args.max_length)
         out = _tokenize_text(ds, tokenizer, args.text_column, args.max_length)

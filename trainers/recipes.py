@@ -11,7 +11,9 @@ against QATArguments before anything is loaded, and an unknown one names the nea
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import textwrap
 import time
 from pathlib import Path
 
@@ -145,13 +147,60 @@ def build_arguments(argv: list[str]) -> QATArguments:
     return QATArguments(**values)
 
 
+# Words the help uses, defined once (docs/QUICKSTART.md repeats them).
+TERMS = (
+    ("step", "The float scale s of a quantization grid: a weight is stored as an integer code q and used as "
+             "s * (q - z). qat learns the steps (LSQ) together with the adapters."),
+    ("group", "The inputs of one output row that share a step; group_size of them, or the whole row (-1)."),
+    ("storage bits", "The width of the frozen base codes; training rounds to `bits` on top of them."),
+)
+# Section titles of `qat train --help`, each starting at the named QATArguments field (in field order).
+SECTIONS = (("model_name_or_path", "Model and task"), ("dataset", "Data"), ("bits", "Quantizer"),
+            ("adapter", "Adapter"), ("distill", "Distillation"), ("zo_eps", "Zeroth-order training (optim: zo)"),
+            ("quantized_grads", "Distributed"), ("export_dir", "Export"))
+TRAINING_ARGUMENTS_URL = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return str(f.type).replace("typing.", "").replace(" | None", " or null")
+
+
+def _default(f: dataclasses.Field) -> str:
+    """The default as a recipe writes it (YAML): null, true / false, quoted strings, lists and mappings."""
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if value is None or isinstance(value, (bool, str, list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _wrap(text: str, indent: int, width: int = 100) -> list[str]:
+    return textwrap.wrap(text, width, initial_indent=" " * indent, subsequent_indent=" " * indent)
+
+
 def help_text() -> str:
+    """qat's keys first (type, default, one sentence each, by section), then where the Trainer's keys are."""
+    from transformers import TrainingArguments
+
     lines = ["usage: qat train [--config RECIPE.yaml] [--KEY VALUE ...]", "",
+             "Quantization-aware training of a Hugging Face model: quantize, attach adapters, train, export packed.",
              "With no arguments: the default recipe (all-MiniLM-L6-v2, W4 g32, inside LoRA, distilled from its",
              "float self on pydoc_data text), written under ./outputs/minilm-w4-lora/.", "",
-             "KEY is any QATArguments field (TrainingArguments + qat's):"]
+             "A KEY is set in the YAML recipe or as --KEY VALUE (VALUE read as YAML: 3, true, '[q_proj, v_proj]').",
+             "", "Terms:"]
+    for term, meaning in TERMS:
+        lines += [f"  {term}"] + _wrap(meaning, 6)
+    trainer_keys = {f.name for f in dataclasses.fields(TrainingArguments)}
+    titles = dict(SECTIONS)
+    lines += ["", "qat's keys:"]
     for f in dataclasses.fields(QATArguments):
-        if f.init:
-            help_ = f.metadata.get("help", "")
-            lines.append(f"  --{f.name}" + (f"  {help_.splitlines()[0][:90]}" if help_ else ""))
+        if not f.init or f.name in trainer_keys:
+            continue
+        if f.name in titles:
+            lines += ["", f"  {titles[f.name]}"]
+        lines.append(f"    --{f.name} ({_type_name(f)}, default {_default(f)})")
+        lines += _wrap(f.metadata.get("help", "(no description)"), 8)
+    lines += ["", "Every other key is a transformers TrainingArguments field, with its meaning and default there",
+              "(learning_rate, max_steps, per_device_train_batch_size, output_dir, save_steps, report_to, ...):",
+              f"  {TRAINING_ARGUMENTS_URL}",
+              "  or: python -c \"import transformers; help(transformers.TrainingArguments)\""]
     return "\n".join(lines)

@@ -96,16 +96,20 @@ def outside_adapter(args) -> bool:
 def reload_export(args, export_dir: Path):
     """The export as a user loads it: transformers (+ PeftModel for an outside adapter)."""
     adapter = adapter_dir_for(export_dir)
+    if args.export_format == "gguf":  # transformers dequantizes the GGUF blocks at load
+        import transformers
+        from qat.gguf_export import GGUF_FILE
+
+        return transformers.AutoModelForCausalLM.from_pretrained(export_dir, gguf_file=GGUF_FILE,
+                                                                 dtype=torch.float32).eval()
     if not outside_adapter(args):
         with materialized_loading(args):
             return load_model(str(export_dir), args.task).eval()
-    import transformers
     from peft import PeftModel
 
-    # peft wraps nn.Linear modules: decompress the packed base to dense layers first.
+    # The plain load a user does: the base's config.json asks for dense layers (peft wraps nn.Linear).
     with materialized_loading(args):
-        base = load_model(str(export_dir), args.task,
-                          quantization_config=transformers.CompressedTensorsConfig(run_compressed=False))
+        base = load_model(str(export_dir), args.task)
     return PeftModel.from_pretrained(base, str(adapter)).eval()
 
 
@@ -136,11 +140,13 @@ def quantize(args: QATArguments, model):
     """Freeze everything, then swap the linear layers for QuantLinear (steps trainable); in place.
     Then the recipe's train_mode (full_weight masters start from the float weights) and, when
     asked, trainable biases / norms."""
+    from qat.serving import train_for_target
     from qat.train_modes import apply_train_mode, float_weights, unfreeze_biases_and_norms
 
     model.requires_grad_(False)  # only steps and adapters train (and what train_mode adds)
     weights = float_weights(model, args.quant_config()) if args.train_mode == "full_weight" else None
     qat.quantize_model(model, args.quant_config())
+    train_for_target(model, args.serving, args.export_format)  # steps rounded as the runtime stores them
     if args.train_mode != "fake_quant":
         apply_train_mode(model, args.train_mode, weights)
     unfreeze_biases_and_norms(model, args.train_biases, args.train_norms)
@@ -210,6 +216,14 @@ def export(args, model, tokenizer, export_dir: Path, sharded: bool = False) -> N
     replace = args.overwrite_output or bool(args.resume_from_checkpoint)  # check_paths allowed it
     kw = dict(tokenizer=tokenizer, source_dir=args.model_name_or_path, overwrite=replace,
               recipe=args.qat_dict(), base_model=args.model_name_or_path)
+    if args.export_format == "gguf":
+        from qat.gguf_export import export_gguf
+
+        if sharded:
+            raise ValueError("GGUF export of sharded runs is not written yet: train data-parallel or on one device")
+        export_gguf(model, export_dir, tokenizer=tokenizer, source_dir=args.model_name_or_path, overwrite=replace,
+                    recipe=args.qat_dict())
+        return
     if sharded:
         from qat.trainers.sharded_export import export_sharded
 

@@ -7,7 +7,11 @@ report_to, callbacks, resume_from_checkpoint - is the Trainer's own):
   compute_loss        task loss, distillation from a frozen teacher, or their mix; stops on a NaN
   training_step       `optim: zo` replaces backward + optimizer with an SPSA step (seed trick)
   _save / _load_*     checkpoints hold the trainable state and the recipe, not the frozen base
-  save_model          under FSDP2 / ZeRO-3 every rank gathers that state (collectives), one writes it
+  save_model          called by the user (or push_to_hub): the packed export from_pretrained loads, with
+                      the tokenizer; for checkpoint-N folders: the trainable state (under FSDP2 / ZeRO-3
+                      every rank gathers it, one writes it)
+  __init__            takes plain TrainingArguments too (qat's keys at their defaults), finds the float
+                      teacher, refuses a trainable parameter outside the steps and adapters (switch.py)
 
 FSDP2 (``fsdp_config={"version": 2}``): accelerate shards the model inside ``train()``, after the
 optimizer exists; :class:`ShardedSetup` installs the quantized gradient reduce-scatter and checks the
@@ -25,9 +29,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from qat.adapters import is_adapter_name
 from qat.quant_linear import QuantLinear
+from qat.train_modes import bias_and_norm_names
 from qat.trainers import checkpoint as ckpt
 from qat.trainers.keep_best import KeepBest
+from qat.trainers.arguments import QATArguments
 from qat.trainers.losses import distill_loss, model_inputs
+from qat.trainers.switch import as_qat_arguments, check_trainable, export_into, resolve_teacher
 from qat.trainers.zeroth_order import ZOTensor, zo_step, zo_tensors
 
 
@@ -71,25 +78,30 @@ class ShardedSetup(TrainerCallback):
         check_packed_codes(model)
 
 
+def parameter_role(name: str) -> str:
+    """The optimizer group of a parameter: 'adapters', 'steps', 'zero_points' or 'other'."""
+    if is_adapter_name(name):
+        return "adapters"
+    if name.endswith("weight_scale"):
+        return "steps"
+    if name.endswith("weight_zero_point"):
+        return "zero_points"
+    if name.endswith("master_weight"):  # train_mode full_weight (qat.train_modes)
+        return "master_weights"
+    return "other"
+
+
 def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
     """Optimizer groups by role; empty groups dropped. Each group carries its ``name``."""
     lr = args.learning_rate
     step_lr = args.step_learning_rate if args.step_learning_rate is not None else lr
     zp_lr = args.zero_point_learning_rate if args.zero_point_learning_rate is not None else step_lr
-    roles = {"adapters": [], "steps": [], "zero_points": [], "other": []}
+    roles = {"adapters": [], "steps": [], "zero_points": [], "master_weights": [], "other": []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if is_adapter_name(name):
-            roles["adapters"].append(p)
-        elif name.endswith("weight_scale"):
-            roles["steps"].append(p)
-        elif name.endswith("weight_zero_point"):
-            roles["zero_points"].append(p)
-        else:
-            roles["other"].append(p)
+        if p.requires_grad:
+            roles[parameter_role(name)].append(p)
     settings = {"adapters": (lr, args.weight_decay), "steps": (step_lr, 0.0),
-                "zero_points": (zp_lr, 0.0), "other": (lr, args.weight_decay)}
+                "zero_points": (zp_lr, 0.0), "master_weights": (lr, args.weight_decay), "other": (lr, args.weight_decay)}
     groups = [{"name": role, "params": ps, "lr": settings[role][0], "weight_decay": settings[role][1]}
               for role, ps in roles.items() if ps]
     if not groups:
@@ -98,12 +110,27 @@ def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
 
 
 class QATTrainer(Trainer):
+    args_class = QATArguments  # what plain TrainingArguments are turned into (TRL: QATSFTConfig)
+
     def __init__(self, model=None, args=None, teacher: torch.nn.Module | None = None, recipe: dict | None = None,
                  dev_dataset=None, **kwargs):
+        if model is None:
+            raise ValueError("QATTrainer needs model= (a model prepared by qat.get_qat_model or qat.quantize_model)")
+        if not any(isinstance(m, QuantLinear) for m in model.modules()):
+            raise ValueError("the model has no quantized layers: prepare it with qat.get_qat_model(model, lora_config, "
+                             "bits=4, group_size=32) (or give QATSFTTrainer peft_config=)")
+        args = as_qat_arguments(args, model, self.args_class)
+        teacher = resolve_teacher(model, teacher, args)  # before anything is frozen or moved
+        asked = set(bias_and_norm_names(model, args.train_biases, args.train_norms))  # the recipe trains these
+        check_trainable(model, lambda name: "recipe" if name in asked else parameter_role(name))
+        parameter_groups(model, args)  # "nothing to train" now, not at the first step
         super().__init__(model=model, args=args, **kwargs)
         # Our losses are per-token / per-example means: let training_step divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.teacher = teacher
+        self._loss_parts: list[tuple[float, float]] = []  # (task, distill) per training micro-batch, until logged
+        self._saving_checkpoint = False
+        self._in_training_step = False
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             teacher.to(self.args.device)
@@ -117,13 +144,14 @@ class QATTrainer(Trainer):
         if self.is_fsdp_enabled:
             self.add_callback(ShardedSetup(args.quantized_grads, args.seed))
         self.add_callback(FakeQuantSchedule(args.fake_quant_start_step))
-        self.keep_best = self._keep_best_callback(dev_dataset if dev_dataset is not None else self.eval_dataset)
+        self.keep_best = self._keep_best_callback(dev_dataset)
         self._zo: list[ZOTensor] | None = None
         self._zo_micro = (-1, 0)  # (global step, micro-batch index) for the perturbation seed
 
     def _keep_best_callback(self, dev) -> KeepBest | None:
-        """keep_best (on by default) scores a dev split at step 0, every keep_best_steps and at the end,
-        and leaves the best state in the model; off without a dev split (a Dataset) or when sharded."""
+        """keep_best (on by default) scores ``dev_dataset`` (tokenised rows; the main job passes its
+        held-out split) at step 0, every keep_best_steps and at the end, and leaves the best state in
+        the model; off without one or when sharded (Trainer-API users get the Trainer's own behaviour)."""
         usable = dev is not None and hasattr(dev, "__len__") and not isinstance(dev, dict) and len(dev) > 0
         if not (self.args.keep_best and usable) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return None
@@ -188,10 +216,20 @@ class QATTrainer(Trainer):
                 teacher_out = self.teacher(**model_inputs(inputs, args.task), **extra)
             d = distill_loss(args.distill, args.task, outputs, teacher_out, inputs, args.distill_temperature)
             loss = d if task_loss is None else (1 - args.distill_weight) * task_loss + args.distill_weight * d
+            if self._in_training_step:  # not evaluation
+                self._loss_parts.append((float("nan") if task_loss is None else task_loss.item(), d.item()))
         if loss is None:
             raise ValueError(f"task {args.task!r} gave no loss: the batch has no labels and no teacher is set")
         self._stop_if_not_finite(loss)
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs carry the task and distillation losses apart (means since the last log) and the weight."""
+        if "loss" in logs and self._loss_parts:
+            task, distill = (sum(v) / len(v) for v in zip(*self._loss_parts))
+            logs.update(task_loss=task, distill_loss=distill, distill_weight=self.args.distill_weight)
+            self._loss_parts.clear()
+        super().log(logs, start_time)
 
     def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
         if torch.isfinite(loss.detach()).all():
@@ -217,6 +255,13 @@ class QATTrainer(Trainer):
 
     # ------------------------------------------------------------------ zeroth-order
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._in_training_step = True
+        try:
+            return self._training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._in_training_step = False
+
+    def _training_step(self, model, inputs, num_items_in_batch=None):
         if not self.args.zeroth_order:
             return super().training_step(model, inputs, num_items_in_batch)
         inputs = self._prepare_inputs(inputs)
@@ -240,7 +285,19 @@ class QATTrainer(Trainer):
         return [ZOTensor(p, group_of[id(p)], relative) for _, p, relative in zo_tensors(model, self.args.zo_targets)]
 
     # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial) -> None:
+        self._saving_checkpoint = True  # save_model below writes the trainable state, not an export
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self._saving_checkpoint:  # the user's save_model(dir) or push_to_hub(): the packed export
+            self._save_export(output_dir if output_dir is not None else self.args.output_dir)
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return
         if not ckpt.is_sharded(self.model):
             return super().save_model(output_dir, _internal_call)
         # FSDP2 / ZeRO-3: the Trainer would gather the whole model to rank 0 (FSDP FULL_STATE_DICT,
@@ -250,6 +307,36 @@ class QATTrainer(Trainer):
         # gathers the trainable tensors and fingerprints the codes layer by layer; rank 0 writes.
         contents = ckpt.checkpoint_contents(self.model)
         self._write_checkpoint(output_dir if output_dir is not None else self.args.output_dir, *contents)
+
+    def _save_export(self, folder: str) -> None:
+        """The packed compressed-tensors export (+ tokenizer) into ``folder``, beside what is there;
+        outside LoRA also in peft's format in ``folder/adapter``. Sharded: every rank gathers, rank 0 writes."""
+        import qat
+        from qat.adapters import export_with_peft
+        from qat.trainers.sharded_export import export_sharded
+
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        tokenizer = self.processing_class if hasattr(self.processing_class, "save_pretrained") else None
+        kw = dict(tokenizer=tokenizer, recipe=self.args.qat_dict(), base_model=getattr(model, "name_or_path", None))
+        sharded = ckpt.is_sharded(self.model)
+        outside = any(isinstance(m, QuantLinear) and m.adapter is not None and m.adapter.placement == "outside"
+                      for m in model.modules())
+        if sharded and outside:
+            raise ValueError("sharded runs export inside adapters only (outside LoRA: train with DDP)")
+
+        def write(target: Path) -> None:
+            if sharded:
+                export_sharded(self.model, target, **kw)
+            elif outside:
+                export_with_peft(model, target, target / "adapter", **kw)
+            else:
+                qat.export_model(model, target, **kw)
+
+        if not self.args.should_save:
+            if sharded:  # this rank takes part in the gathers; rank 0 writes
+                write(Path(folder) / ".qat-export-unused")
+            return
+        export_into(folder, write)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:

@@ -122,7 +122,8 @@ def test_default_main_job_beats_post_training(minilm_path, tmp_path, capsys):
 
 
 def test_data_parallel_run_with_torchrun(llama_dir, tmp_path):
-    # 2 CPU processes (gloo DDP through the Trainer): train, then rank 0 exports and verifies alone.
+    # 2 CPU processes (gloo DDP through the Trainer; use_cpu makes accelerate run them data parallel, without
+    # it the job is refused, tests/test_switch.py): train, then rank 0 exports and verifies alone.
     import subprocess
     import sys
 
@@ -132,7 +133,7 @@ def test_data_parallel_run_with_torchrun(llama_dir, tmp_path):
     from tests.trainers.test_zo_distributed import _free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(script), *_sft(llama_dir, data, out, "--max_steps", "2", "--ddp_backend", "gloo")]
+           str(script), *_sft(llama_dir, data, out, "--max_steps", "2", "--use_cpu", "true")]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
