@@ -17,7 +17,6 @@ from transformers import TrainingArguments
 from qat.adapters.init import INITS as ADAPTER_INITS
 from qat.adapters import AdapterConfig
 from qat.config import DEFAULT_EXCLUDE, QuantConfig
-from qat.quant_linear import TRAIN_MODES
 from qat.train_modes import check_train_mode
 
 TASKS = ("causal_lm", "seq_cls", "embedding")
@@ -81,14 +80,14 @@ class QATArguments(TrainingArguments):
         "The learning rate of the zero points; unset means step_learning_rate."})
     fake_quant_start_step: int = field(default=0, metadata={"help":
         "Train without rounding for this many steps first, then quantized."})
-    train_mode: str = field(default="fake_quant", metadata={"help": f"one of {TRAIN_MODES}: codes re-rounded every "
-                                                                    "step / codes fixed, steps train (E2E-QP) / "
-                                                                    "float master weights (docs/TRAINING_MODES.md)"})
-    train_biases: bool = field(default=False, metadata={"help": "also train the quantized layers' biases"})
-    train_norms: bool = field(default=False, metadata={"help": "also train LayerNorm / RMSNorm parameters"})
-    keep_best: bool = field(default=True, metadata={"help": "score the dev split at step 0, every keep_best_steps "
-                                                            "and at the end; export the best state"})
-    keep_best_steps: int = field(default=50, metadata={"help": "steps between dev scores (0: start and end only)"})
+    train_mode: str = field(default="fake_quant", metadata={"help":
+        "What trains: fake_quant re-rounds the codes every step, frozen_codes keeps them and trains only the steps "
+        "(E2E-QP), full_weight trains float master weights (docs/TRAINING_MODES.md)."})
+    train_biases: bool = field(default=False, metadata={"help": "Also train the quantized layers' biases."})
+    train_norms: bool = field(default=False, metadata={"help": "Also train every LayerNorm / RMSNorm parameter."})
+    keep_best: bool = field(default=True, metadata={"help":
+        "Score the dev split at step 0, every keep_best_steps and at the end, and export the best state."})
+    keep_best_steps: int = field(default=50, metadata={"help": "Steps between dev scores (0: start and end only)."})
     # ---------------------------------------------------------------- adapter
     adapter: str = field(default="lora", metadata={"help":
         "The adapter trained with the steps: 'lora', 'wht' (Walsh-Hadamard) or 'none' (steps only)."})
