@@ -74,14 +74,39 @@ def detached_outside(model: nn.Module):
 
 @torch.no_grad()
 def export_with_peft(model: nn.Module, out_dir: str | Path, adapter_dir: str | Path, **export_kw) -> None:
-    """qat.export_model of the base plus save_peft of the outside LoRAs.
+    """qat.export_model of the base plus save_peft of the outside LoRAs, all or nothing: the adapter is
+    written first into a hidden folder, then the base, then the adapter is swapped into place (a
+    failure leaves no base without its adapter). The base's config.json asks transformers to load it dense
+    (``dequantize``), so the plain ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir),
+    adapter_dir)`` works: peft wraps ``nn.Linear`` layers, not compressed-tensors' packed ones."""
+    import shutil
 
-    The base's config.json asks transformers to load it dense (``dequantize``), so the plain
-    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir), adapter_dir)`` works: peft
-    wraps ``nn.Linear`` layers, not compressed-tensors' packed ones.
-    """
-    from qat.export import export_model
+    from qat import safety
+    from qat.export import prepare_target, swap_into_place, export_model
 
-    with detached_outside(model):
-        export_model(model, out_dir, dequantize_on_load=True, **export_kw)
-    save_peft(model, adapter_dir)
+    out_dir, adapter_dir = Path(out_dir), Path(adapter_dir)
+    # adapter_dir inside out_dir (save_model's out/adapter): the export replaces out_dir whole, so the
+    # adapter waits beside out_dir and moves in after it; out_dir's marker then lists it as its own.
+    nested = out_dir.resolve() in adapter_dir.resolve().parents
+    waiting = out_dir.with_name(f"{out_dir.name}-{adapter_dir.name}") if nested else adapter_dir
+    safety.clean_leftovers(waiting)  # (export_model cleans out_dir's own leftovers, not this one)
+    if not nested:
+        prepare_target(adapter_dir, export_kw.get("overwrite", False))
+    tmp = safety.hidden_temp(waiting)
+    base_in_place = False
+    try:
+        with safety.signals_raise():
+            save_peft(model, tmp)  # refuses adapters peft cannot hold before the base is written
+            safety.write_marker(tmp, "qat export (peft adapter)")
+            safety.apply_umask(tmp)
+            with detached_outside(model):
+                export_model(model, out_dir, dequantize_on_load=True, **export_kw)
+            base_in_place = True
+            swap_into_place(tmp, adapter_dir)
+            if nested:
+                safety.write_marker(out_dir, "qat export (with a peft adapter)")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if base_in_place:  # a base without its trained adapter must not look like the export
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise

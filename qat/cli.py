@@ -64,7 +64,7 @@ def _quant_config(args):
 
     return QuantConfig(
         bits=args.bits,
-        group_size=None if args.group_size <= 0 else args.group_size,
+        group_size=None if args.group_size == -1 else args.group_size,  # 0 / < -1: QuantConfig refuses
         symmetric=not args.asymmetric,
         init=args.init,
         exclude=args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE),
@@ -73,15 +73,22 @@ def _quant_config(args):
 
 
 def load_float_model(path: str):
-    """A float transformers model from a local folder (or a Hub id when online), in eval mode."""
+    """A float transformers model from a local folder (or a Hub id when online), in eval mode.
+
+    Never runs a model's own code (``auto_map``): only classes transformers ships are built."""
     import transformers
+
+    from qat.safety import check_model_folder, transformers_model_class
 
     if not Path(path).exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in path):
         raise SystemExit(f"qat: model path {path!r} does not exist: pass a local model folder or a Hub id")
-    config = transformers.AutoConfig.from_pretrained(path)
-    arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
-    cls = getattr(transformers, arch, transformers.AutoModel)
-    return cls.from_pretrained(path).eval()
+    try:
+        check_model_folder(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+        cls = transformers_model_class(config, path)
+        return cls.from_pretrained(path, trust_remote_code=False).eval()
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"qat: {err}".splitlines()[0]) from None
 
 
 def cmd_quantize(args) -> int:
@@ -90,7 +97,7 @@ def cmd_quantize(args) -> int:
     from qat.export import prepare_target
 
     try:
-        prepare_target(Path(args.out), args.overwrite)  # refuse before loading anything
+        prepare_target(Path(args.out), args.overwrite, inputs=(args.model,))  # refuse before loading anything
         config = _quant_config(args)
     except (ValueError, FileExistsError) as err:
         raise SystemExit(f"qat: {err}") from None
@@ -113,7 +120,7 @@ def cmd_export(args) -> int:
 
     src, out = Path(args.checkpoint), Path(args.out)
     try:
-        prepare_target(out, args.overwrite)
+        prepare_target(out, args.overwrite, inputs=(src,))
         model = qat.load_quantized(src)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"qat: {err}") from None
@@ -191,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as err:  # disk full, read-only folder: the export is written beside and swapped in whole
+        raise SystemExit(f"qat: {err}; nothing was replaced (an export is written beside the target and "
+                         "swapped in whole): free space or fix the permissions and run it again") from None
 
 
 if __name__ == "__main__":

@@ -46,7 +46,11 @@ class LayerSpec:
             raise ValueError("ternary (bits=1.58) is symmetric by definition: set symmetric=True")
         if self.init not in STEP_INITS:
             raise ValueError(f"unknown step init {self.init!r}: use one of {STEP_INITS}")
-        if self.group_size is not None and self.group_size <= 0:
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size == 0 or self.group_size < -1):
+            raise ValueError(f"group size {self.group_size!r}: use a positive number of inputs per step "
+                             "(e.g. 32 or 128), or -1 for one step per output channel")
+        if self.group_size == -1:
             object.__setattr__(self, "group_size", None)
 
     @property

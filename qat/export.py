@@ -15,7 +15,6 @@ import copy
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import nn
 
+from qat import safety
 from qat.kernels import dispatch
 from qat.model_card import write_model_card
 from qat.quant_linear import QuantLinear
@@ -228,13 +228,24 @@ def packed_state_dict(model: nn.Module, gather=None, keep: bool = True,
     return state
 
 
-def prepare_target(out_dir: Path, overwrite: bool) -> None:
+def prepare_target(out_dir: Path, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse a target that cannot be written without loss. ``overwrite`` replaces only an earlier
+    qat export (its ``.qat-export`` marker, nothing else in it) that holds none of ``inputs``."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is a file: choose a folder path for the export")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{out_dir} is not empty: choose a new folder, or pass overwrite=True (--overwrite) to replace it"
         )
+    if overwrite:
+        safety.check_replaceable(out_dir, inputs, is_export_file=_is_export_file)
+
+
+def _is_export_file(name: str) -> bool:
+    """A name :func:`export_model` writes (weights, configs, card, copied tokenizer / pipeline files)."""
+    return (name in COPIED_FILES or name in COPIED_DIRS or name in ("config.json", "README.md", QAT_CONFIG_FILE,
+            "model.safetensors.index.json") or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name) is not None)
 
 
 def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
@@ -288,33 +299,36 @@ def export_model(
     asks transformers to load the layers dense (for a peft adapter on top). Returns the export folder.
     """
     out_dir = Path(out_dir)
-    prepare_target(out_dir, overwrite)
-    layers = check_exportable(model)
     if source_dir is None and getattr(model, "name_or_path", None):
         source_dir = model.name_or_path
     source = Path(source_dir) if source_dir else None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    safety.clean_leftovers(out_dir)  # a killed export's hidden folders (or its moved-aside old export)
+    prepare_target(out_dir, overwrite, inputs=(source,))
+    layers = check_exportable(model)
+    tmp = safety.hidden_temp(out_dir)
     try:
-        state = packed_state_dict(model) if state is None else state
-        _write_weights(state, tmp, max_shard_size)
-        config = copy.deepcopy(model.config)  # the live model keeps its float config
-        config.quantization_config = keep_source_fields(quantization_config(model, dequantize_on_load), source)
-        config.architectures = [_architecture(model)]  # as save_pretrained records it
-        config.save_pretrained(tmp)
-        _copy_source_files(source, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        qat_config = getattr(model, "qat_config", None)
-        meta = {
-            "quant_config": qat_config.to_dict() if qat_config is not None else None,
-            "layers": layer_records(layers),
-            "recipe": recipe,
-        }
-        (tmp / QAT_CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        write_model_card(tmp, model, layers, base_model=base_model or (str(source) if source else None),
-                         recipe=recipe, state=state)
-        swap_into_place(tmp, out_dir)
+        with safety.signals_raise():  # SIGTERM, like Ctrl-C, reaches the clean-up below
+            state = packed_state_dict(model) if state is None else state
+            _write_weights(state, tmp, max_shard_size)
+            config = copy.deepcopy(model.config)  # the live model keeps its float config
+            config.quantization_config = keep_source_fields(quantization_config(model, dequantize_on_load), source)
+            config.architectures = [_architecture(model)]  # as save_pretrained records it
+            config.save_pretrained(tmp)
+            _copy_source_files(source, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            qat_config = getattr(model, "qat_config", None)
+            meta = {
+                "quant_config": qat_config.to_dict() if qat_config is not None else None,
+                "layers": layer_records(layers),
+                "recipe": recipe,
+            }
+            (tmp / QAT_CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+            write_model_card(tmp, model, layers, base_model=base_model or (str(source) if source else None),
+                             recipe=recipe, state=state)
+            safety.write_marker(tmp, "qat export")  # last: only a whole export carries it
+            safety.apply_umask(tmp)  # mkdtemp made it 0700, safetensors its files 0600
+            swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -337,7 +351,7 @@ def swap_into_place(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         tmp.rename(out_dir)
         return
-    backup = out_dir.with_name(f".{out_dir.name}.old-{tmp.name[-8:]}")
+    backup = safety.hidden_name(out_dir, "old", tmp.name.rsplit("-", 1)[-1])  # clean_leftovers restores it
     out_dir.rename(backup)
     try:
         tmp.rename(out_dir)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from qat import safety
 from qat.export import QAT_CONFIG_FILE, check_exportable, layer_records, prepare_target, swap_into_place
 from qat.quant_linear import QuantLinear
 
@@ -263,7 +263,9 @@ def export_gguf(
     from qat.gguf_vocab import add_vocab
 
     out_dir = Path(out_dir)
-    prepare_target(out_dir, overwrite)
+    source = source_dir or getattr(model, "name_or_path", None)
+    safety.clean_leftovers(out_dir)  # a killed export's hidden folders (or its moved-aside old export)
+    prepare_target(out_dir, overwrite, inputs=(Path(source),) if source else ())
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type={float_type!r}: use one of {FLOAT_TYPES}")
     cls_name = type(model).__name__
@@ -272,30 +274,31 @@ def export_gguf(
                          "export compressed-tensors instead")
     arch, permute = ARCHITECTURES[cls_name]
     layers = check_exportable(model)
-    source = source_dir or getattr(model, "name_or_path", None)
     name = name or (Path(str(source)).name if source else cls_name)
     tensors = gguf_tensors(model, arch, permute, float_type)  # refusals happen here, before any file
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = safety.hidden_temp(out_dir)
     try:
-        vocab_dir = Path(source) if source and tokenizer is None else tmp / "tokenizer"
-        if tokenizer is not None:
-            tokenizer.save_pretrained(vocab_dir)
-        writer = gguf.GGUFWriter(str(tmp / GGUF_FILE), arch)
-        write_metadata(writer, model, arch, name, _file_type(layers))
-        add_vocab(writer, vocab_dir, model.config.vocab_size)
-        for tensor_name, array, raw_type in tensors:
-            writer.add_tensor(tensor_name, array, raw_dtype=raw_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
-        _check_config_reloads(tmp / GGUF_FILE, model)
-        meta = {"format": "gguf", "file": GGUF_FILE, "layers": layer_records(layers), "recipe": recipe,
-                "types": {n: gguf_type_name(layer.spec.bits) for n, layer in layers}, "float_type": float_type}
-        (tmp / QAT_CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        swap_into_place(tmp, out_dir)
+        with safety.signals_raise():  # SIGTERM, like Ctrl-C, reaches the clean-up below
+            vocab_dir = Path(source) if source and tokenizer is None else tmp / "tokenizer"
+            if tokenizer is not None:
+                tokenizer.save_pretrained(vocab_dir)
+            writer = gguf.GGUFWriter(str(tmp / GGUF_FILE), arch)
+            write_metadata(writer, model, arch, name, _file_type(layers))
+            add_vocab(writer, vocab_dir, model.config.vocab_size)
+            for tensor_name, array, raw_type in tensors:
+                writer.add_tensor(tensor_name, array, raw_dtype=raw_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
+            _check_config_reloads(tmp / GGUF_FILE, model)
+            meta = {"format": "gguf", "file": GGUF_FILE, "layers": layer_records(layers), "recipe": recipe,
+                    "types": {n: gguf_type_name(layer.spec.bits) for n, layer in layers}, "float_type": float_type}
+            (tmp / QAT_CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+            safety.write_marker(tmp, "qat export --format gguf")  # last: only a whole export carries it
+            safety.apply_umask(tmp)
+            swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -125,11 +125,12 @@ def load_quantized(path: str | Path, model_class=None, dtype: torch.dtype | None
     tensors = _read_tensors(_weight_files(folder))
     qat_meta = json.loads((folder / QAT_CONFIG_FILE).read_text()) if (folder / QAT_CONFIG_FILE).exists() else {}
     recorded_layers = qat_meta.get("layers", {})
-    config = transformers.AutoConfig.from_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
     del config.quantization_config
-    if model_class is None:
-        arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
-        model_class = getattr(transformers, arch, transformers.AutoModel)
+    if model_class is None:  # only a transformers model class, whatever an untrusted config.json names
+        from qat.safety import transformers_model_class
+
+        model_class = transformers_model_class(config, folder)
     build = model_class.from_config if hasattr(model_class, "from_config") else model_class
     model = build(config)
     if dtype is not None:

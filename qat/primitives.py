@@ -24,7 +24,11 @@ MSE_RATIOS = 40  # clipping ratios tried by the MSE step search
 def check_bits(bits: float) -> float:
     """Return ``bits`` normalised (ints stay ints) or raise naming the widths that work."""
     if isinstance(bits, str):
-        bits = float(bits)
+        try:
+            bits = float(bits)
+        except ValueError:
+            raise ValueError(f"bit width {bits!r} is not a number: use one of 2, 3, 4, 5, 6, 7, 8 or 1.58 "
+                             "(ternary)") from None
     if abs(float(bits) - TERNARY) < 1e-6:
         return TERNARY
     if float(bits).is_integer() and int(bits) in SUPPORTED_BITS:

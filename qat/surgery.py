@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -43,6 +45,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
             f"no linear layer matches include={config.include} exclude={config.exclude} "
             f"(the model's linear layers start: {names}); widen `include` or narrow `exclude`"
         )
+    unmatched = [p for p in config.overrides if not any(re.search(p, n) for n, _ in chosen)]
+    if unmatched:  # a typo would otherwise silently leave every layer at the default format
+        names = ", ".join(n for n, _ in chosen[:4])
+        raise ValueError(f"override pattern {unmatched[0]!r} matches no quantized layer (they are named like {names}): "
+                         "fix the pattern (a regular expression searched in the layer name)")
     plans = []
     for name, module in chosen:
         spec = config.spec_for(name)

@@ -135,9 +135,14 @@ def test_refuses_non_empty_dir_and_keeps_it(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         qat.export_model(model, tmp_path / "e")
     assert (tmp_path / "e" / "precious.txt").read_text() == "keep me"
-    qat.export_model(model, tmp_path / "e", overwrite=True)
-    assert not (tmp_path / "e" / "precious.txt").exists() and (tmp_path / "e" / "config.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["e"]  # no temporary or backup folder left
+    # overwrite replaces an earlier export only, never a folder of the user's files (issue 17)
+    with pytest.raises(FileExistsError, match="not a qat export"):
+        qat.export_model(model, tmp_path / "e", overwrite=True)
+    assert (tmp_path / "e" / "precious.txt").read_text() == "keep me"
+    qat.export_model(model, tmp_path / "x")
+    qat.export_model(model, tmp_path / "x", overwrite=True)
+    assert (tmp_path / "x" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "x"]  # no temporary or backup folder left
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):

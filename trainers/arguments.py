@@ -138,6 +138,11 @@ class QATArguments(TrainingArguments):
         "The export format, 'compressed-tensors' or 'gguf' (llama.cpp Q4_0 / Q8_0); unset means the format `serving` reads."})
     serving: str | None = field(default=None, metadata={"help":
         "The runtime the export is for: transformers, vllm-gpu, vllm-cpu or llama.cpp; checked before training."})
+    allow_worse_than_ptq: bool = field(default=False, metadata={
+        "help": "Exit 0 even when the trained model ends worse than post-training quantization."})
+    # ---------------------------------------------------------------- safety
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the Python code a model folder ships (auto_map); off: never, and never asked."})
 
     def __post_init__(self):
         # `optim: zo` is ours; the Trainer still gets a real optimizer name (SGD without momentum) whose
@@ -176,6 +181,7 @@ class QATArguments(TrainingArguments):
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
         self.adapter_config()
         check_train_mode(self.train_mode, self.quant_config(), self.adapter, self.adapter_placement)
+        self.check_exportable()
         from qat.serving import check_serving  # the target's kernels take every layer format, or refuse now
 
         self.export_format = check_serving(
@@ -187,8 +193,22 @@ class QATArguments(TrainingArguments):
 
             check_deepspeed_config(self.hf_deepspeed_config.config, world_size=self.world_size)
 
+    def check_exportable(self) -> None:
+        """Refuse, when the arguments are read, a recipe whose trained model the exporter cannot write:
+        outside adapters leave the packed base and go out in peft's LoRA format, which holds LoRA only,
+        and sharded runs (FSDP / ZeRO-3) export inside adapters only."""
+        if self.adapter == "none" or self.adapter_placement != "outside":
+            return
+        if self.adapter != "lora":
+            raise ValueError(f"adapter {self.adapter!r} with adapter_placement 'outside' cannot be exported (outside "
+                             "adapters are saved in peft's format, which holds LoRA only): use adapter_placement "
+                             "'inside' or adapter 'lora'")
+        if self.fsdp or self.deepspeed:
+            raise ValueError("adapter_placement 'outside' cannot be exported from a sharded run (fsdp / deepspeed "
+                             "export inside adapters only): use adapter_placement 'inside', or train with DDP")
+
     def quant_config(self) -> QuantConfig:
-        return QuantConfig(bits=self.bits, group_size=None if self.group_size in (None, -1, 0) else self.group_size,
+        return QuantConfig(bits=self.bits, group_size=None if self.group_size in (None, -1) else self.group_size,
                            symmetric=self.symmetric, storage_bits=self.storage_bits, init=self.quant_init,
                            include=list(self.quant_include), exclude=list(self.quant_exclude),
                            overrides=dict(self.quant_overrides), learn_scale=self.learn_scale,

@@ -6,6 +6,11 @@ A checkpoint folder (beside the Trainer's optimizer / scheduler / RNG / trainer_
     qat_checkpoint.json         the recipe (QATArguments' qat fields) and a fingerprint of each
                                 frozen base, so resuming onto a different base fails loudly
 
+Each checkpoint is written into a hidden ``.checkpoint-N.partial`` folder and renamed into place once
+whole (``QATTrainer._save_checkpoint``), after ``qat_complete.json`` (size and sha256 of every file in
+it) is written last; ``qat_checkpoint.json`` also holds a sha256 of every trainable tensor. Resuming
+takes the newest checkpoint that passes :func:`checkpoint_problem` and says why newer ones were skipped.
+
 Sharded models go through the same functions - FSDP2 (DTensor parameters) and DeepSpeed ZeRO-3
 (partitioned parameters, ``ds_id``): gathering the trainable tensors and fingerprinting the codes (one
 layer at a time) is then a collective, so every rank calls :func:`checkpoint_contents` and
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -29,6 +35,11 @@ from qat.trainers.gather import full_tensor, gathered, is_sharded  # noqa: F401 
 
 TRAINABLE_FILE = "qat_trainable.safetensors"
 META_FILE = "qat_checkpoint.json"
+MANIFEST_FILE = "qat_complete.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+# A finite value this large is a divergence all the same: its square overflows float32
+# (max 3.4e38 = (1.8e19)^2), so the first matmul that uses it gives inf / NaN on resume.
+SANE_ABS_MAX = 1e18
 
 
 def _trainable_keys(model: nn.Module, state: dict) -> list[str]:
@@ -68,13 +79,137 @@ def checkpoint_contents(model: nn.Module, state_dict: dict | None = None) -> tup
     return trainable_state(model, state_dict), base_fingerprints(model)
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (any dtype: bf16 included), as stored in the checkpoint."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def state_problem(state: dict[str, torch.Tensor]) -> str | None:
+    """Why a trainable state must not be saved as a checkpoint (NaN / inf, overflowing values, a step
+    of 0, which quantizes by dividing by it), or None when it is sane. Negative steps are not refused
+    (the forward and the export stay consistent: s * round(w / s) is even in s) but reported by
+    :func:`nonpositive_steps`."""
+    for name, t in state.items():
+        if not t.is_floating_point():
+            continue
+        values = t.detach().float()
+        if not torch.isfinite(values).all():
+            return f"{name} holds {int((~torch.isfinite(values)).sum())} NaN / inf values"
+        if values.numel() and values.abs().max() > SANE_ABS_MAX:
+            return f"{name} holds values up to {float(values.abs().max()):.3g} (they overflow float32 in use)"
+        if name.endswith("weight_scale") and bool((values == 0).any()):
+            return f"{name} holds a step size of 0 (quantizing divides by it)"
+    return None
+
+
+def nonpositive_steps(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(step sizes <= 0, all step sizes) among the ``weight_scale`` tensors of a trainable state."""
+    scales = [t for k, t in state.items() if k.endswith("weight_scale")]
+    return sum(int((t <= 0).sum()) for t in scales), sum(t.numel() for t in scales)
+
+
 def write_checkpoint(folder: str | Path, state: dict, bases: dict, recipe: dict) -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / TRAINABLE_FILE), metadata={"format": "pt"})
-    (folder / META_FILE).write_text(json.dumps({"recipe": recipe, "bases": bases}, indent=2, default=str))
+    checksums = {k: tensor_digest(v) for k, v in state.items()}
+    (folder / META_FILE).write_text(json.dumps({"recipe": recipe, "bases": bases, "checksums": checksums},
+                                               indent=2, default=str))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path) -> None:
+    """Written last into a finished checkpoint: size and sha256 of every file in it (sub-folders too)."""
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _file_digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def checkpoint_problem(folder: str | Path, deep: bool = True) -> str | None:
+    """Why ``folder`` cannot be resumed from (incomplete, truncated, altered), or None.
+
+    ``deep`` also re-hashes every file against the manifest (and the trainable tensors against
+    their checksums); without it only presence and sizes are checked."""
+    folder = Path(folder)
+    try:
+        json.loads((folder / TRAINER_STATE_FILE).read_text())
+    except FileNotFoundError:
+        return f"it has no {TRAINER_STATE_FILE} (the save was cut short)"
+    except (OSError, ValueError):
+        return f"its {TRAINER_STATE_FILE} is unreadable"
+    for name in (TRAINABLE_FILE, META_FILE):
+        if not (folder / name).is_file():
+            return f"it has no {name} (the save was cut short)"
+    if deep:
+        altered = _altered_tensors(folder)
+        if altered:
+            return altered
+    if not (folder / MANIFEST_FILE).is_file():
+        return None  # written before manifests existed: the checks above are all there is
+    try:
+        files = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return f"its {MANIFEST_FILE} is unreadable"
+    for name, record in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != record["size"]:
+            return f"{name} is {path.stat().st_size} bytes, {record['size']} were written (truncated)"
+        if deep and _file_digest(path) != record["sha256"]:
+            return f"{name} does not match the sha256 recorded when it was written (the file changed)"
+    return None
+
+
+def _altered_tensors(folder: Path) -> str | None:
+    """The trainable tensors against the sha256 stored beside them (checkpoints written since issue 17)."""
+    from safetensors.torch import load_file
+
+    try:
+        sums = json.loads((folder / META_FILE).read_text()).get("checksums", {})
+        state = load_file(str(folder / TRAINABLE_FILE)) if sums else {}
+    except Exception as err:  # truncated / corrupt header or json
+        return f"it cannot be read ({type(err).__name__})"
+    altered = sorted(k for k, digest in sums.items() if k not in state or tensor_digest(state[k]) != digest)
+    return f"{altered[0]} does not match the sha256 stored with it (the file changed)" if altered else None
+
+
+def checkpoint_step(folder: str | Path) -> int | None:
+    m = re.fullmatch(r"checkpoint-(\d+)", Path(folder).name)
+    return int(m.group(1)) if m else None
+
+
+def sorted_checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N folders of a run, oldest (lowest N) first."""
+    out = Path(output_dir)
+    found = [p for p in out.iterdir() if p.is_dir() and checkpoint_step(p) is not None] if out.is_dir() else []
+    return sorted(found, key=checkpoint_step)
+
+
+def newest_complete_checkpoint(output_dir: str | Path, before: int | None = None,
+                               deep: bool = True) -> tuple[Path | None, list[tuple[str, str]]]:
+    """(the newest checkpoint that passes :func:`checkpoint_problem`, [(skipped name, why), ...]).
+    ``before``: only checkpoints of steps below it."""
+    skipped = []
+    for folder in reversed(sorted_checkpoints(output_dir)):
+        if before is not None and checkpoint_step(folder) >= before:
+            continue
+        problem = checkpoint_problem(folder, deep=deep)
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder.name, problem))
+    return None, skipped
 
 
 def is_qat_checkpoint(folder: str | Path) -> bool:
@@ -98,6 +233,11 @@ def load_checkpoint(model: nn.Module, folder: str | Path) -> dict:
     except Exception as err:  # truncated / corrupt safetensors or json
         raise ValueError(f"checkpoint {folder} is corrupt ({type(err).__name__}: {err}); "
                          "resume from an earlier checkpoint-* folder") from None
+    altered = sorted(k for k, digest in meta.get("checksums", {}).items()
+                     if k in state and tensor_digest(state[k]) != digest)
+    if altered:
+        raise ValueError(f"checkpoint {folder} is corrupt: {altered[:3]} do not match the sha256 stored with them "
+                         "(the file changed after it was written); resume from an earlier checkpoint-* folder")
     mine = base_fingerprints(model)
     changed = sorted(n for n in set(mine) | set(meta["bases"]) if mine.get(n) != meta["bases"].get(n))
     if changed:

@@ -12,6 +12,10 @@ Per task:
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import sys
 from pathlib import Path
 
 import datasets
@@ -37,7 +41,17 @@ def load_raw(spec: str, config: str | None = None, split: str = "train") -> Data
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"dataset file {spec!r}: unsupported extension; use one of {sorted(FILE_BUILDERS)}")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise ValueError(f"dataset file {spec} is empty: point --dataset at a file with examples")
+        try:
+            with _quiet_datasets():  # its own error log would come before our sentence
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as err:  # datasets wraps the cause deep inside: find the line / byte ourselves
+            raise ValueError(file_problem(path) or f"dataset file {spec} could not be read ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); check its format") from None
+        if len(ds) == 0:
+            raise ValueError(f"dataset file {spec} holds no examples: point --dataset at a file with examples")
+        return ds
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             loaded = datasets.load_from_disk(str(path))
@@ -50,6 +64,49 @@ def load_raw(spec: str, config: str | None = None, split: str = "train") -> Data
     except Exception as err:  # offline, unknown name, no such split: say what to pass instead
         raise ValueError(f"could not load dataset {spec!r} from the Hub ({type(err).__name__}: {err}); "
                          "pass a local file (txt/json/jsonl/parquet/csv) or a save_to_disk folder") from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def file_problem(path: Path) -> str | None:
+    """The first thing wrong in a data file, as one sentence: bytes that are not UTF-8 (offset and
+    line), a malformed JSON line (line and column); None when none is found. Run only on failure."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        return (f"dataset file {path} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} "
+                f"(line {line}); re-save the file as UTF-8")
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        return None
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"dataset file {path}, line {err.lineno}, column {err.colno}: malformed JSON ({err.msg}); fix it there"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return (f"dataset file {path}, line {number}: malformed JSON ({err.msg}, column {err.colno}); "
+                    "fix or remove that line (JSON Lines: one object per line)")
+        if not isinstance(record, dict):
+            return f"dataset file {path}, line {number}: a JSON {type(record).__name__}, not an object; write one " \
+                   "{...} object per line"
+    return None
 
 
 def _require(ds: Dataset, column: str, key: str, spec: str, also: str = "") -> None:
@@ -127,16 +184,42 @@ def _tokenize_prompt_completion(ds, tokenizer, max_length):
                   remove_columns=ds.column_names)
 
 
-def _tokenize_chat(ds, tokenizer, column, max_length):
+def _message_problem(messages) -> str | None:
+    if not isinstance(messages, list):
+        return f"is a {type(messages).__name__}, not a list"
+    if not messages:
+        return "is an empty list"
+    for turn in messages:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+            return f"holds {str(turn)[:60]!r}, not a {{role, content}} object with string values"
+    return None
+
+
+def _tokenize_chat(ds, tokenizer, column, max_length, spec: str = "the dataset"):
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat data needs a tokenizer with a chat template (tokenizer.chat_template is empty)")
-    return ds.map(lambda ex: chat_example(tokenizer, ex[column], max_length), remove_columns=ds.column_names)
+    for index, messages in enumerate(ds[column]):  # before tokenising: one sentence, not a KeyError inside map
+        problem = _message_problem(messages)
+        if problem:
+            raise ValueError(f"example {index} of {spec}: `{column}` {problem}; each example needs a list of "
+                             '{"role": ..., "content": ...} turns')
+    out = ds.map(lambda ex: chat_example(tokenizer, ex[column], max_length), remove_columns=ds.column_names)
+    # An example whose answer max_length cut off has no counted token: its loss is 0/0 = NaN.
+    answered = [i for i, labels in enumerate(out["labels"]) if any(t != IGNORE_INDEX for t in labels)]
+    if not answered:
+        raise ValueError(f"no conversation in {spec} keeps an answer token within max_length {max_length} (the "
+                         "prompts fill it, or no turn is from the assistant): raise --max_length or shorten the prompts")
+    if len(answered) < len(out):
+        print(f"qat: dropped {len(out) - len(answered)} of {len(out)} conversations in {spec} whose answer is cut "
+              f"off by max_length {max_length}", file=sys.stderr)
+        out = out.select(answered)
+    return out
 
 
 def tokenize(ds: Dataset, tokenizer, args, spec: str) -> Dataset:
     if args.task == "causal_lm":
         if args.messages_column in ds.column_names:
-            return _tokenize_chat(ds, tokenizer, args.messages_column, args.max_length)
+            return _tokenize_chat(ds, tokenizer, args.messages_column, args.max_length, spec)
         if {"prompt", "completion"} <= set(ds.column_names):
             return _tokenize_prompt_completion(ds, tokenizer, args.max_length)
         _require(ds, args.text_column, "text_column", spec,

@@ -89,6 +89,56 @@ def _coerce(key: str, value):
     return value
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise _DuplicateKey(f"line {line}: key {key!r} is set twice (first on line {seen[key]}): keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, where: str):
+    """YAML text -> Python value; a syntax error or a repeated key is one sentence with file, line, column."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+    except _DuplicateKey as err:
+        raise ValueError(f"{where}, {err}") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{where}{at}: invalid YAML ({err.problem or err.context}); fix the syntax there") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: invalid YAML ({err})") from None
+
+
+# Fields whose declared type is a plain number or flag: a recipe value of another type is refused
+# when the recipe is read (TrainingArguments would fail later with a TypeError deep inside).
+_SCALAR_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def check_value_type(key: str, value, where: str) -> None:
+    kind = _FIELD_TYPES.get(key, "").replace("<class '", "").replace("'>", "")
+    optional = kind.endswith(" | None")
+    base = kind.removesuffix(" | None")
+    if base not in _SCALAR_KINDS or (value is None and optional):
+        return
+    ok = isinstance(value, _SCALAR_KINDS[base]) and (base == "bool" or not isinstance(value, bool))
+    if not ok:
+        noun = {"int": "a whole number", "float": "a number", "bool": "true or false"}[base]
+        raise ValueError(f"{where} value {key}: {value!r} is not {noun}: write e.g. {key}: "
+                         f"{ {'int': 100, 'float': 0.0002, 'bool': 'true'}[base] }")
+
+
 def parse_overrides(argv: list[str]) -> dict:
     """``--key value`` / ``--key=value`` / ``--flag`` pairs -> {key: YAML-typed value}."""
     values, i = {}, 0
@@ -103,7 +153,7 @@ def parse_overrides(argv: list[str]) -> dict:
                 raw, i = argv[i + 1], i + 1
             else:
                 raw = "true"
-        values[key] = _coerce(key, yaml.safe_load(raw)) if raw != "" else None
+        values[key] = _coerce(key, read_yaml(raw, f"--{key}")) if raw != "" else None
         i += 1
     return values
 
@@ -124,7 +174,7 @@ def load_recipe(path: str | None) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"recipe {path!r} does not exist")
-    recipe = yaml.safe_load(p.read_text()) or {}
+    recipe = read_yaml(p.read_bytes().decode("utf-8", errors="replace"), str(p)) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path!r} must be a mapping of QATArguments keys to values")
     recipe.setdefault("run_name", p.stem)
@@ -138,6 +188,9 @@ def build_arguments(argv: list[str]) -> QATArguments:
     recipe = load_recipe(config)
     check_keys(recipe, "recipe")
     check_keys(overrides, "command-line")
+    for where, given in (("recipe", recipe), ("command-line", overrides)):
+        for key, value in given.items():
+            check_value_type(key, value, where)
     values = {**recipe, **overrides}
     if not values.get("model_name_or_path"):
         raise ValueError("no model: set model_name_or_path in the recipe or pass --model_name_or_path PATH")

@@ -11,12 +11,16 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 import qat
+from qat import safety
+from qat.export import _is_export_file
+from qat.safety import LOCK_FILE, OutputLock, check_model_folder
 from qat.trainers.arguments import QATArguments
 
 MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification",
@@ -32,10 +36,19 @@ def check_paths(args: QATArguments) -> Path:
     if not Path(path).exists() and (offline or path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise ValueError(f"model {path!r} does not exist: pass a local model folder"
                          + ("" if offline else " or a Hub id (owner/name)"))
+    check_model_folder(path)
     out = Path(args.output_dir)
     export = Path(args.export_dir) if args.export_dir else out / "export"
     resuming = bool(args.resume_from_checkpoint)
-    busy = out.exists() and any(out.iterdir())
+    held = OutputLock.holder(out) if out.is_dir() else None
+    if held:
+        raise ValueError(f"output_dir {out} is in use by another qat run (pid {held.get('pid', '?')}, started "
+                         f"{held.get('started', '?')}): wait for it to finish or choose another --output_dir")
+    if export.resolve() == out.resolve() or export.resolve() in out.resolve().parents:
+        raise ValueError(f"export_dir {export} is output_dir {out} or holds it: the export replaces its folder "
+                         "whole and would delete the run's checkpoints; use another --export_dir (default "
+                         "<output_dir>/export)")
+    busy = out.exists() and any(p.name != LOCK_FILE for p in out.iterdir())
     if busy and not resuming and not args.overwrite_output:
         raise ValueError(f"output_dir {out} already holds a run: pass --resume_from_checkpoint true to continue "
                          "it, --overwrite_output true to replace it, or another --run_name / --output_dir")
@@ -43,13 +56,35 @@ def check_paths(args: QATArguments) -> Path:
     if export.exists() and any(export.iterdir()) and not (args.overwrite_output or resuming):
         raise ValueError(f"export_dir {export} already holds an export: pass --overwrite_output true to replace "
                          "it (the new one is written beside it first) or another --export_dir")
+    targets = [export] + ([adapter_dir_for(export)] if outside_adapter(args) else [])
+    try:
+        for target in targets:  # replaced only if it is an earlier export, and never the model itself
+            safety.check_replaceable(target, inputs=(path,), is_export_file=_is_export_file)
+    except FileExistsError as err:
+        raise ValueError(str(err)) from None
     return export
 
 
-def load_tokenizer(path: str):
+def check_max_length(args: QATArguments) -> None:
+    """--max_length within the model's positions (read from config.json, before the model loads)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not read the config of {args.model_name_or_path}: {str(err).splitlines()[0]}") \
+            from None
+    positions = [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions", "max_seq_len")]
+    limit = next((p for p in positions if isinstance(p, int) and p > 0), None)
+    if limit is not None and args.max_length > limit:
+        raise ValueError(f"max_length {args.max_length} is beyond the {limit} positions "
+                         f"{args.model_name_or_path} was built for: use --max_length {limit} or less")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # causal LMs often ship without one; padding is masked out anyway
         tok.pad_token = tok.eos_token
     return tok
@@ -77,6 +112,7 @@ def materialized_loading(args: QATArguments):
 def load_model(path: str, task: str, num_labels: int | None = None, **kwargs):
     import transformers
 
+    kwargs.setdefault("trust_remote_code", False)  # a model's own code runs only when the recipe says so
     cls = getattr(transformers, MODEL_CLASSES[task])
     if task == "seq_cls" and num_labels:
         kwargs["num_labels"] = num_labels
@@ -281,20 +317,104 @@ def plot_losses(log_history: list[dict], path: Path) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------- run safety
+@contextlib.contextmanager
+def run_lock(args: QATArguments):
+    """The output folder is this run's alone while it lives (the main process holds the lock); a run
+    that fails before writing anything leaves no folder behind."""
+    out = Path(args.output_dir)
+    if args.process_index != 0:
+        yield
+        return
+    created = not out.exists()
+    lock = OutputLock(out).acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+        if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def clean_partial_checkpoints(out: Path) -> None:
+    """Hidden ``.checkpoint-N.partial`` folders are saves a killed run never finished (the lock says
+    no live run is writing them): remove them, saying so."""
+    for folder in sorted(out.glob(".checkpoint-*.partial")) if out.is_dir() else []:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"qat: removed {folder}, an unfinished checkpoint save of an earlier run", file=sys.stderr)
+
+
+def resolve_resume(args: QATArguments) -> str | None:
+    """The checkpoint to resume from: ``true`` takes the newest *complete* one (saying which newer ones
+    were skipped and why); a path must itself be complete."""
+    from qat.trainers.checkpoint import checkpoint_problem, newest_complete_checkpoint
+
+    asked = args.resume_from_checkpoint
+    if not asked or str(asked).lower() == "false":
+        return None
+    if str(asked).lower() != "true":
+        problem = checkpoint_problem(asked) if Path(asked).is_dir() else "it does not exist"
+        if problem:
+            raise ValueError(f"cannot resume from {asked}: {problem}; pass --resume_from_checkpoint true to take "
+                             "the newest complete checkpoint")
+        return str(asked)
+    found, skipped = newest_complete_checkpoint(args.output_dir)
+    for name, why in skipped:
+        print(f"qat: skipping {name} for resume: {why}", file=sys.stderr)
+    if found is None:
+        raise ValueError(f"no complete checkpoint-* in {args.output_dir} to resume from"
+                         + (f" ({len(skipped)} incomplete)" if skipped else "")
+                         + ": drop --resume_from_checkpoint to start over (with --overwrite_output true)")
+    print(f"qat: resuming from {found}", file=sys.stderr)
+    return str(found)
+
+
+# A trained model counts as worse than post-training quantization when it lost more than this share of
+# the post-training gap to the float model, and more than ABS_TOLERANCE (cosine or nats): a few steps of
+# noise on a near-lossless format must not fail a run.
+WORSE_SHARE, ABS_TOLERANCE = 0.1, 1e-3
+
+
+def worse_than_post_training(rows: dict) -> str | None:
+    """'cosine 0.41 vs 0.96 post-training' when the QAT row is clearly worse, else None."""
+    for metric, higher_better in (("cosine", True), ("loss", False)):
+        if metric not in rows.get("qat", {}) or metric not in rows.get("post-training", {}):
+            continue
+        q, p, f = rows["qat"][metric], rows["post-training"][metric], rows["float"].get(metric)
+        deficit = (p - q) if higher_better else (q - p)
+        gap = abs(f - p) if f is not None else 0.0
+        if not math.isfinite(q) or (deficit > ABS_TOLERANCE and deficit > WORSE_SHARE * gap):
+            return f"{metric} {q:.4f} vs {p:.4f} after post-training quantization"
+    return None
+
+
 # ---------------------------------------------------------------------------------------- the job
 def run(args: QATArguments) -> dict:
+    export_dir = check_paths(args)
+    check_max_length(args)
+    with run_lock(args):
+        clean_partial_checkpoints(Path(args.output_dir))
+        metrics = _run(args, export_dir)
+    worse = worse_than_post_training(metrics.get("rows", {}))
+    if worse and not args.allow_worse_than_ptq:
+        raise ValueError(f"the trained model is worse than post-training quantization ({worse}): training "
+                         f"diverged or over-fitted, so do not use the export at {export_dir}; lower learning_rate / "
+                         "step_learning_rate, or pass --allow_worse_than_ptq true to accept it")
+    return metrics
+
+
+def _run(args: QATArguments, export_dir: Path) -> dict:
     from qat.trainers.data import build_datasets, collator
     from qat.trainers.trainer import QATTrainer
 
     from transformers import set_seed
 
-    export_dir = check_paths(args)
     set_seed(args.seed)  # adapters are attached (random LoRA A) before the Trainer would seed
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train_ds, eval_ds, texts = build_datasets(args, tokenizer)  # bad columns fail before the model loads
     num_labels = len(set(train_ds["labels"])) if args.task == "seq_cls" else None
     with materialized_loading(args):
-        model = load_model(args.model_name_or_path, args.task, num_labels)
+        model = load_model(args.model_name_or_path, args.task, num_labels, trust_remote_code=args.trust_remote_code)
     teacher = copy.deepcopy(model).eval() if args.distill != "none" else None
     collate = collator(tokenizer, args.task)
 
@@ -314,7 +434,7 @@ def run(args: QATArguments) -> dict:
     trainer = QATTrainer(model=model, args=args, teacher=teacher, train_dataset=train_ds,
                          eval_dataset=eval_ds if args.eval_strategy != "no" else None,
                          data_collator=collate, processing_class=tokenizer, dev_dataset=eval_ds)
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    result = trainer.train(resume_from_checkpoint=resolve_resume(args))
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     if sharded:  # every rank takes part in the gather; the sharded model cannot run after the group ends
         export(args, model, tokenizer, export_dir, sharded=True)
@@ -330,9 +450,10 @@ def run(args: QATArguments) -> dict:
         batch = {k: v.to(model.device) for k, v in
                  collate([eval_ds[i] for i in range(min(4, len(eval_ds)))]).items() if k != "labels"}
         max_diff = export_max_diff(args, model, reloaded, batch)
-        if max_diff > 1e-3:
-            raise RuntimeError(f"the export at {export_dir} does not reproduce the trained model (max |diff| "
-                               f"{max_diff:.3g}); the training checkpoints in {args.output_dir} are kept")
+        if max_diff > 1e-3:  # a wrong export must not look like one: it goes, the checkpoints stay
+            shutil.rmtree(export_dir, ignore_errors=True)
+            raise ValueError(f"the export did not reproduce the trained model (max |diff| {max_diff:.3g}) and was "
+                             f"removed from {export_dir}; the training checkpoints in {args.output_dir} are kept")
     rows["qat"] = evaluate(args, reloaded if reloaded is not None else model, tokenizer, eval_ds, texts,
                            collate, float_emb)
     return write_report(args, trainer, result, rows, export_dir, max_diff)
@@ -368,9 +489,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(help_text())
         return 0
+    from qat.trainers.trainer import NonFiniteLossError
+
     try:
         args = build_arguments(argv)
         run(args)
-    except ValueError as err:
+    except (ValueError, NonFiniteLossError) as err:
         raise SystemExit(f"qat train: {err}") from None
+    except OSError as err:  # disk full, read-only folder, ...: checkpoints are whole or absent
+        raise SystemExit(f"qat train: {err}; the checkpoints written so far are whole: fix that, then resume "
+                         "with --resume_from_checkpoint true") from None
     return 0

@@ -7,6 +7,9 @@ report_to, callbacks, resume_from_checkpoint - is the Trainer's own):
   compute_loss        task loss, distillation from a frozen teacher, or their mix; stops on a NaN
   training_step       `optim: zo` replaces backward + optimizer with an SPSA step (seed trick)
   _save / _load_*     checkpoints hold the trainable state and the recipe, not the frozen base
+  _save_checkpoint    written into a hidden folder and renamed into place whole; a diverged state
+                      (NaN / inf, overflow, step <= 0) is refused; rotation keeps the newest, the
+                      best and the lowest-training-loss checkpoints
   save_model          called by the user (or push_to_hub): the packed export from_pretrained loads, with
                       the tokenizer; for checkpoint-N folders: the trainable state (under FSDP2 / ZeRO-3
                       every rank gathers it, one writes it)
@@ -20,12 +23,15 @@ codes once that happened (``on_train_begin``).
 
 from __future__ import annotations
 
+import pickle
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qat.adapters import is_adapter_name
 from qat.quant_linear import QuantLinear
@@ -235,14 +241,18 @@ class QATTrainer(Trainer):
         if torch.isfinite(loss.detach()).all():
             return
         step = self.state.global_step + 1
-        out = self.args.output_dir
-        kept = get_last_checkpoint(out) if Path(out).is_dir() else None
-        where = f"the last good checkpoint is {kept} (resume with --resume_from_checkpoint {kept})" if kept \
-            else "no checkpoint had been saved yet"
         raise NonFiniteLossError(
-            f"loss became {loss.item()} at step {step}; training stopped and nothing after it was saved; {where}. "
-            "Try a lower learning_rate or step_learning_rate, max_grad_norm 1.0, warmup_steps, "
-            "or fake_quant_start_step > 0; with fp16, try bf16 or fp32.")
+            f"loss became {loss.item()} at step {step}; training stopped and nothing after it was saved; "
+            f"{self._last_good(self.state.global_step)}. Try a lower learning_rate or step_learning_rate, "
+            "max_grad_norm 1.0, warmup_steps, or fake_quant_start_step > 0; with fp16, try bf16 or fp32.")
+
+    def _last_good(self, diverged_at: int) -> str:
+        """Where to resume after the weights of step ``diverged_at`` failed: checkpoint-<diverged_at>
+        holds those very weights, so the last good one is the newest complete checkpoint before it."""
+        kept, _ = ckpt.newest_complete_checkpoint(self.args.output_dir, before=diverged_at, deep=False)
+        if kept is None:
+            return "no good checkpoint had been saved yet"
+        return f"the last good checkpoint is {kept} (resume with --resume_from_checkpoint {kept})"
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if self.args.task != "embedding":
@@ -285,13 +295,6 @@ class QATTrainer(Trainer):
         return [ZOTensor(p, group_of[id(p)], relative) for _, p, relative in zo_tensors(model, self.args.zo_targets)]
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model, trial) -> None:
-        self._saving_checkpoint = True  # save_model below writes the trainable state, not an export
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._saving_checkpoint = False
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not self._saving_checkpoint:  # the user's save_model(dir) or push_to_hub(): the packed export
             self._save_export(output_dir if output_dir is not None else self.args.output_dir)
@@ -348,10 +351,101 @@ class QATTrainer(Trainer):
     def _write_checkpoint(self, output_dir: str, state: dict, bases: dict) -> None:
         if not self.args.should_save:
             return
+        problem = ckpt.state_problem(state)
+        if problem:  # what is saved must be resumable: a diverged state is refused, not kept as "good"
+            raise NonFiniteLossError(
+                f"training diverged by step {self.state.global_step}: {problem}; it was not saved; "
+                f"{self._last_good(self.state.global_step)}. Try a lower learning_rate or step_learning_rate, "
+                "max_grad_norm 1.0 or warmup_steps.")
+        bad, total = ckpt.nonpositive_steps(state)
+        if bad:  # consistent with the export, but a sign that step_learning_rate is too high
+            print(f"qat: warning: {bad} of {total} step sizes are <= 0 at step {self.state.global_step} (they "
+                  "crossed zero: step_learning_rate is too high for them); lower step_learning_rate",
+                  file=sys.stderr)
         ckpt.write_checkpoint(output_dir, state, bases, self.recipe)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, str(Path(output_dir) / "training_args.bin"))
+
+    # ------------------------------------------------------------------ atomic checkpoints, rotation
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into ``<run>/.checkpoint-N.partial/checkpoint-N`` (every
+        rank writes there: the Trainer asks ``_get_output_dir``) and renamed into place once whole."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f".{name}.partial"
+        self._staging_dir = str(staging)
+        self._saving_checkpoint = True  # save_model inside writes the trainable state, not an export
+        try:
+            super()._save_checkpoint(model, trial)  # its rotation runs inside the staging folder: a no-op
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # a refused or failed save leaves nothing behind
+            raise
+        finally:
+            self._staging_dir = None
+            self._saving_checkpoint = False
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's files (optimizer shards, engine states) are in
+        if self.args.should_save:
+            self._publish_checkpoint(staging, run_dir / name)
+            self._rotate(run_dir)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank goes on before checkpoint-N exists under its final name
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging else super()._get_output_dir(trial)
+
+    def _publish_checkpoint(self, staging: Path, final: Path) -> None:
+        staged = staging / final.name
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == staging:  # the Trainer recorded the staging path of this step
+            self.state.best_model_checkpoint = str(final)
+            self.state.save_to_json(str(staged / ckpt.TRAINER_STATE_FILE))
+        ckpt.write_manifest(staged)  # last: a checkpoint without it never finished
+        if final.exists():  # the same step saved again: the new one replaces it only once whole
+            old = staging / "replaced"
+            final.rename(old)
+        staged.rename(final)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def _rotate(self, run_dir: Path) -> None:
+        """save_total_limit, keeping out of rotation the newest checkpoint (to resume), the Trainer's
+        best and the one with the lowest logged training loss (the last good one when a run blows up
+        without a NaN: rotation would otherwise delete every early checkpoint)."""
+        limit = self.args.save_total_limit
+        found = ckpt.sorted_checkpoints(run_dir)
+        if not limit or limit <= 0 or len(found) <= limit:
+            return
+        protected = {found[-1].resolve(), self._lowest_loss_checkpoint(found)}
+        if self.state.best_model_checkpoint:
+            protected.add(Path(self.state.best_model_checkpoint).resolve())
+        excess = len(found) - max(limit, len(protected - {None}))
+        for folder in found:
+            if excess <= 0:
+                break
+            if folder.resolve() not in protected:
+                shutil.rmtree(folder, ignore_errors=True)
+                excess -= 1
+
+    def _lowest_loss_checkpoint(self, found: list[Path]) -> Path | None:
+        """The checkpoint whose last logged training loss (at or before its step) is lowest."""
+        logged = [(h["step"], h["loss"]) for h in self.state.log_history if "loss" in h and "step" in h]
+        scored = []
+        for folder in found:
+            before = [loss for step, loss in logged if step <= ckpt.checkpoint_step(folder)]
+            if before:
+                scored.append((before[-1], folder.resolve()))
+        return min(scored)[1] if scored else None
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as err:
+            raise ValueError(f"the optimizer state in {checkpoint} could not be loaded ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}): the file is corrupt or from "
+                             "another recipe; resume from an earlier checkpoint-* folder") from None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not ckpt.is_qat_checkpoint(resume_from_checkpoint):
