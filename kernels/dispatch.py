@@ -120,7 +120,11 @@ def weight_args(layer, delta: torch.Tensor | None = None, factors: bool = True) 
 
 
 def supported(layer, act: torch.Tensor | None = None) -> bool:
-    """Whether the Triton path applies to this layer (and activation) at all."""
+    """Whether the Triton path applies to this layer (and activation) at all. The kernels
+    rebuild W_hat from the packed base by re-rounding: layers in train_mode 'frozen_codes' or
+    'full_weight' (qat.quant_linear) take the torch reference path, explicitly."""
+    if getattr(layer, "train_mode", "fake_quant") != "fake_quant":
+        return False
     if not layer.fake_quant_enabled or not 1 <= int(layer.spec.storage_bits) <= 8:
         return False
     tensors = [layer.base_scale, layer.weight_scale, act]

@@ -246,6 +246,28 @@ def dequantize(
     return (q * scale.unsqueeze(-1)).reshape(codes.shape)
 
 
+def dequantize_frozen_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: float,
+    group_size: int,
+) -> torch.Tensor:
+    """``(q - z) * s`` with the codes ``q`` [out, in] held fixed, differentiable w.r.t. the steps
+    (and the zero point, through a straight-through round): EfficientQAT's E2E-QP weight.
+
+    Gradients: ds = sum_group grad * (q - z); dz = -s * sum_group grad where round(z) lies on the
+    grid (the STE passes the clamp's inside). Moving s or z never changes a code. Output dtype is
+    ``scale``'s, like :func:`dequantize` (the same numbers, bit for bit).
+    """
+    qmin, qmax = qrange(bits)
+    q = grouped(codes, group_size).to(scale.dtype)                   # [out, G, g]
+    if zero_point is not None:
+        z = torch.clamp(round_ste(zero_point), qmin, qmax).to(scale.dtype)
+        q = q - z.unsqueeze(-1)
+    return (q * scale.unsqueeze(-1)).reshape(codes.shape)
+
+
 @torch.no_grad()
 def init_absmax(
     w: torch.Tensor, bits: float, group_size: int, symmetric: bool

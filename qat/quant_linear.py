@@ -4,6 +4,14 @@
     inside  placement  W_hat = s * (clamp(round((W0 + D)/s) + z) - z)       y = x W_hat^T + b
     outside placement  W_hat = s * (clamp(round(W0/s) + z) - z)             y = x W_hat^T + b + adapter(x)
 
+Training modes (``train_mode``, set with :meth:`set_train_mode`; qat.train_modes for a model):
+
+    fake_quant    (default) the line above: the codes are re-rounded from W0 (+ D) every step
+    frozen_codes  W_hat = s * (q0 - z): the base codes q0 are fixed, only s (and z) train, so
+                  moving a step never flips a code (EfficientQAT's E2E-QP)
+    full_weight   W_hat = s * (clamp(round((W + D)/s) + z) - z) with W a trainable float master
+                  weight (``master_weight``, torchao-style QAT); exported as its codes
+
 ``s`` (``weight_scale``) and ``z`` (``weight_zero_point``, asymmetric only) train with LSQ / LSQ+
 gradients. Export writes ``clamp(round((W0 + D)/s) + z)`` and ``s`` (see :meth:`export_codes`),
 so the exported model computes exactly what this layer computed.
@@ -23,6 +31,8 @@ from qat.adapter import inside_adapter
 from qat.config import LayerSpec
 from qat.kernels import dispatch
 from qat.packing import packed_width
+
+TRAIN_MODES = ("fake_quant", "frozen_codes", "full_weight")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -92,6 +102,7 @@ class QuantLinear(nn.Module):
         # whose files hold fp16 steps), so training sees the step the runtime will; None: no rounding.
         self.step_dtype: torch.dtype | None = None
         self.fake_quant_enabled = True
+        self.train_mode = "fake_quant"  # see the module docstring; set_train_mode changes it
         self.adapter: nn.Module | None = None
         self.source_type = "Linear"
         groups = in_features // self.group_size
@@ -109,6 +120,7 @@ class QuantLinear(nn.Module):
         self.weight_scale = nn.Parameter(torch.ones(out_features, groups, **kw))
         self.weight_zero_point = nn.Parameter(torch.zeros(out_features, groups, **kw)) if asym else None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), **frozen) if bias else None
+        self.register_parameter("master_weight", None)  # full_weight mode: trainable float W [out, in]
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -181,6 +193,30 @@ class QuantLinear(nn.Module):
         if self.weight_zero_point is not None:
             self.weight_zero_point.data.copy_(zero)
 
+    @torch.no_grad()
+    def set_train_mode(self, mode: str, float_weight: torch.Tensor | None = None) -> None:
+        """Switch to ``fake_quant``, ``frozen_codes`` or ``full_weight`` (see the module docstring).
+
+        frozen_codes needs the base codes on the trained grid (storage_bits = bits): they are the
+        codes that train's steps scale. full_weight starts its master weight from ``float_weight``
+        [out, in] (the float model's, when known) or else from W0, and keeps it in fp32.
+        """
+        if mode not in TRAIN_MODES:
+            raise ValueError(f"unknown train_mode {mode!r}: use one of {TRAIN_MODES}")
+        if mode == "frozen_codes" and self.base_grid_bits != self.spec.bits:
+            raise ValueError(
+                f"train_mode 'frozen_codes' scales the base codes, which are stored at {self.spec.storage_bits} "
+                f"bits, not the trained {self.spec.bits}: drop storage_bits (or set it equal to bits)")
+        if mode == "full_weight":
+            w = self.base_weight() if float_weight is None else float_weight.detach().float()
+            if tuple(w.shape) != (self.out_features, self.in_features):
+                raise ValueError(f"full_weight: float weight has shape {tuple(w.shape)}, expected "
+                                 f"{(self.out_features, self.in_features)}")
+            self.master_weight = nn.Parameter(w.to(self.base_scale.device).clone())
+        else:
+            self.master_weight = None
+        self.train_mode = mode
+
     # ----------------------------------------------------------------- weights
     @property
     def base_grid_bits(self) -> float:
@@ -209,8 +245,9 @@ class QuantLinear(nn.Module):
         return scale.to(self.scale_dtype), self.weight_zero_point
 
     def pre_quant_weight(self) -> torch.Tensor:
-        """W0 (+ D for an inside adapter), [out, in] fp32: what the fake quantizer rounds."""
-        w = self.base_weight()
+        """W0 (or the full_weight master W) (+ D for an inside adapter), [out, in] fp32: what
+        the fake quantizer rounds."""
+        w = self.base_weight() if self.master_weight is None else self.master_weight.float()
         adapter = inside_adapter(self)
         return w if adapter is None else w + adapter.delta_weight().float()
 
@@ -220,6 +257,8 @@ class QuantLinear(nn.Module):
         if not self.fake_quant_enabled:
             return w.to(self.scale_dtype)
         scale, zero = self.fake_quant_steps()
+        if self.train_mode == "frozen_codes":  # the codes stay q0; only s (and z) move
+            return P.dequantize_frozen_codes(self.base_codes(), scale, zero, self.spec.bits, self.group_size)
         lsq = P.lsq_grad_scale(self.group_size, self.spec.bits)
         return P.fake_quantize(w, scale, zero, self.spec.bits, self.group_size, lsq_scale=lsq)
 
@@ -235,13 +274,15 @@ class QuantLinear(nn.Module):
         if not self.fake_quant_enabled:
             raise RuntimeError("fake quantization is off for this layer: turn it on before exporting")
         scale, zero = self.fake_quant_steps()
-        codes = dispatch.quant_codes(self)
+        # frozen_codes: the fixed base codes are what the forward scaled (re-rounding W0 / s would
+        # not be); the other modes take the forward's own path (kernels bypassed for full_weight).
+        codes = self.base_codes() if self.train_mode == "frozen_codes" else dispatch.quant_codes(self)
         zero_int = None if zero is None else P.round_zero_point(zero, self.spec.bits).to(torch.int8)
         return codes, scale.detach().clone(), zero_int
 
     def trainable_tensors(self) -> list[torch.Tensor]:
         """Tensors W_hat depends on that receive gradients through the recomputed backward."""
-        tensors = [self.weight_scale, self.weight_zero_point]
+        tensors = [self.weight_scale, self.weight_zero_point, self.master_weight]
         adapter = inside_adapter(self)
         if adapter is not None:
             tensors += list(adapter.parameters())

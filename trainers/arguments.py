@@ -17,9 +17,10 @@ from transformers import TrainingArguments
 from qat.adapters.init import INITS as ADAPTER_INITS
 from qat.adapters import AdapterConfig
 from qat.config import DEFAULT_EXCLUDE, QuantConfig
+from qat.train_modes import check_train_mode
 
 TASKS = ("causal_lm", "seq_cls", "embedding")
-DISTILL_LOSSES = ("none", "kl", "cosine", "mse")
+DISTILL_LOSSES = ("none", "kl", "cosine", "mse", "hidden_mse")
 ZO_TARGETS = ("adapters", "steps", "both")
 
 
@@ -88,6 +89,14 @@ class QATArguments(TrainingArguments):
         "The learning rate of the zero points; unset means step_learning_rate."})
     fake_quant_start_step: int = field(default=0, metadata={"help":
         "Train without rounding for this many steps first, then quantized."})
+    train_mode: str = field(default="fake_quant", metadata={"help":
+        "What trains: fake_quant re-rounds the codes every step, frozen_codes keeps them and trains only the steps "
+        "(E2E-QP), full_weight trains float master weights (docs/TRAINING_MODES.md)."})
+    train_biases: bool = field(default=False, metadata={"help": "Also train the quantized layers' biases."})
+    train_norms: bool = field(default=False, metadata={"help": "Also train every LayerNorm / RMSNorm parameter."})
+    keep_best: bool = field(default=True, metadata={"help":
+        "Score the dev split at step 0, every keep_best_steps and at the end, and export the best state."})
+    keep_best_steps: int = field(default=50, metadata={"help": "Steps between dev scores (0: start and end only)."})
     # ---------------------------------------------------------------- adapter
     adapter: str = field(default="lora", metadata={"help":
         "The adapter trained with the steps: 'lora', 'wht' (Walsh-Hadamard) or 'none' (steps only)."})
@@ -178,6 +187,8 @@ class QATArguments(TrainingArguments):
             raise ValueError("distill='kl' needs logits: for task 'embedding' use 'cosine' or 'mse'")
         if self.task == "embedding" and self.distill == "none":
             raise ValueError("task 'embedding' has no labels: set distill to 'cosine' or 'mse'")
+        if self.keep_best_steps < 0:
+            raise ValueError(f"keep_best_steps={self.keep_best_steps}: use 0 (start and end only) or a step count")
         if self.zo_eps <= 0 or self.zo_num_perturbations < 1:
             raise ValueError("zo_eps must be > 0 and zo_num_perturbations >= 1")
         if self.zeroth_order and self.adapter == "none" and self.zo_targets != "steps":
@@ -192,6 +203,7 @@ class QATArguments(TrainingArguments):
         check_data_parallel(self)
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
         self.adapter_config()
+        check_train_mode(self.train_mode, self.quant_config(), self.adapter, self.adapter_placement)
         self.check_exportable()
         from qat.serving import check_serving  # the target's kernels take every layer format, or refuse now
 

@@ -6,6 +6,8 @@ distill:
   kl      causal LM / classification logits: T^2 * KL(softmax(t/T) || softmax(s/T)) per token
   mse     logits (causal LM / classification) or token hidden states (embedding)
   cosine  embedding: 1 - cos(mean-pooled student, mean-pooled teacher), the sentence-embedding metric
+  hidden_mse  any task: per-token MSE of every layer's output hidden state, each layer divided by
+          the variance of the teacher's (see :func:`hidden_state_mse`)
 """
 
 from __future__ import annotations
@@ -46,7 +48,37 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor)
     return (err * mask).sum() / mask.sum().clamp_min(1)
 
 
+def hidden_state_mse(student: tuple, teacher: tuple, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token, per-layer hidden-state distillation, normalised per layer:
+
+        L = 1/L_n sum_l [ sum_{b,t in mask} mean_h (S_l - T_l)^2 / N ] / var_l
+
+    over the layers' outputs ``hidden_states[1:]`` (index 0, the embeddings, is not quantized),
+    each [B, T, H]; N = masked tokens; var_l = variance of the teacher's layer-l values over the
+    masked tokens and all features (detached: a scale, not a target). Dividing by var_l gives
+    each layer the same weight whatever its activation scale (deep layers grow large).
+    """
+    mask = attention_mask.bool()                                    # [B, T]
+    layers = list(zip(student[1:], teacher[1:]))
+    if not layers:
+        raise ValueError("hidden_mse needs hidden states: the model returned none (output_hidden_states)")
+    n_tok = mask.sum().clamp_min(1)
+    total = 0.0
+    for s, t in layers:
+        t = t.float()
+        err = (s.float() - t).pow(2).mean(-1)                        # [B, T]
+        tv = t[mask]                                                  # [N, H]
+        var = tv.var(unbiased=False).detach().clamp_min(1e-12)
+        total = total + (err * mask).sum() / n_tok / var
+    return total / len(layers)
+
+
 def distill_loss(kind: str, task: str, student_out, teacher_out, inputs: dict, temperature: float) -> torch.Tensor:
+    if kind == "hidden_mse":
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(inputs["input_ids"].shape, dtype=torch.bool, device=inputs["input_ids"].device)
+        return hidden_state_mse(student_out.hidden_states, teacher_out.hidden_states, mask)
     if task == "embedding":
         s, t = student_out.last_hidden_state, teacher_out.last_hidden_state  # [B, T, H]
         mask = inputs["attention_mask"]

@@ -191,12 +191,19 @@ def calibration_batches(dataset, n: int, tokenizer=None, batch_size: int = 16) -
 
 def quantize(args: QATArguments, model, calibration: list[dict] | None = None):
     """Freeze everything, then swap the linear layers for QuantLinear (steps trainable); in place.
-    ``calibration``: input batches for quant_init gptq (see :func:`calibration_batches`)."""
+    ``calibration``: input batches for quant_init gptq (see :func:`calibration_batches`). Then the
+    recipe's train_mode (full_weight masters start from the float weights) and, when asked, trainable
+    biases / norms."""
     from qat.serving import train_for_target
+    from qat.train_modes import apply_train_mode, float_weights, unfreeze_biases_and_norms
 
-    model.requires_grad_(False)  # only steps and adapters train
+    model.requires_grad_(False)  # only steps and adapters train (and what train_mode adds)
+    weights = float_weights(model, args.quant_config()) if args.train_mode == "full_weight" else None
     qat.quantize_model(model, args.quant_config(), calibration=calibration)
     train_for_target(model, args.serving, args.export_format)  # steps rounded as the runtime stores them
+    if args.train_mode != "fake_quant":
+        apply_train_mode(model, args.train_mode, weights)
+    unfreeze_biases_and_norms(model, args.train_biases, args.train_norms)
     return model
 
 
@@ -462,7 +469,7 @@ def _run(args: QATArguments, export_dir: Path) -> dict:
 
     trainer = QATTrainer(model=model, args=args, teacher=teacher, train_dataset=train_ds,
                          eval_dataset=eval_ds if args.eval_strategy != "no" else None,
-                         data_collator=collate, processing_class=tokenizer)
+                         data_collator=collate, processing_class=tokenizer, dev_dataset=eval_ds)
     result = trainer.train(resume_from_checkpoint=resolve_resume(args))
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     if sharded:  # every rank takes part in the gather; the sharded model cannot run after the group ends
@@ -490,7 +497,8 @@ def _run(args: QATArguments, export_dir: Path) -> dict:
 
 def write_report(args, trainer, result, rows, export_dir, max_diff) -> dict:
     out = Path(args.output_dir)
-    metrics = {"rows": rows, "export_dir": str(export_dir), "export_max_abs_diff": max_diff,
+    keep_best = trainer.keep_best.summary() if getattr(trainer, "keep_best", None) is not None else None
+    metrics = {"rows": rows, "export_dir": str(export_dir), "export_max_abs_diff": max_diff, "keep_best": keep_best,
                "train_runtime_s": result.metrics.get("train_runtime"), "train_loss": result.training_loss,
                "steps": trainer.state.global_step, "recipe": args.qat_dict()}
     if "cosine" in rows.get("qat", {}):
@@ -501,6 +509,10 @@ def write_report(args, trainer, result, rows, export_dir, max_diff) -> dict:
     print("\n" + results_table(rows))
     if metrics.get("recovered") is not None:
         print(f"\nQAT recovers {100 * metrics['recovered']:.1f}% of the post-training cosine gap to the float model")
+    if keep_best is not None:
+        start = keep_best["history"][0]
+        print(f"keep_best: exported the state of step {keep_best['best_step']} (dev score {keep_best['best_dev_score']:.5f}; "
+              f"step {start['step']}: {start['dev_score']:.5f}; lower is better)")
     print(f"export: {export_dir} (reloaded with transformers, max |diff| {max_diff})")
     print(f"metrics: {out / 'metrics.json'}" + (f", loss plot: {out / 'loss.png'}" if plotted else ""))
     return metrics

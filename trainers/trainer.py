@@ -35,7 +35,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qat.adapters import is_adapter_name
 from qat.quant_linear import QuantLinear
+from qat.train_modes import bias_and_norm_names
 from qat.trainers import checkpoint as ckpt
+from qat.trainers.keep_best import KeepBest
 from qat.trainers.arguments import QATArguments
 from qat.trainers.losses import distill_loss, model_inputs
 from qat.trainers.switch import as_qat_arguments, check_trainable, export_into, resolve_teacher
@@ -90,6 +92,8 @@ def parameter_role(name: str) -> str:
         return "steps"
     if name.endswith("weight_zero_point"):
         return "zero_points"
+    if name.endswith("master_weight"):  # train_mode full_weight (qat.train_modes)
+        return "master_weights"
     return "other"
 
 
@@ -98,12 +102,12 @@ def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
     lr = args.learning_rate
     step_lr = args.step_learning_rate if args.step_learning_rate is not None else lr
     zp_lr = args.zero_point_learning_rate if args.zero_point_learning_rate is not None else step_lr
-    roles = {"adapters": [], "steps": [], "zero_points": [], "other": []}
+    roles = {"adapters": [], "steps": [], "zero_points": [], "master_weights": [], "other": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
             roles[parameter_role(name)].append(p)
     settings = {"adapters": (lr, args.weight_decay), "steps": (step_lr, 0.0),
-                "zero_points": (zp_lr, 0.0), "other": (lr, args.weight_decay)}
+                "zero_points": (zp_lr, 0.0), "master_weights": (lr, args.weight_decay), "other": (lr, args.weight_decay)}
     groups = [{"name": role, "params": ps, "lr": settings[role][0], "weight_decay": settings[role][1]}
               for role, ps in roles.items() if ps]
     if not groups:
@@ -115,7 +119,7 @@ class QATTrainer(Trainer):
     args_class = QATArguments  # what plain TrainingArguments are turned into (TRL: QATSFTConfig)
 
     def __init__(self, model=None, args=None, teacher: torch.nn.Module | None = None, recipe: dict | None = None,
-                 **kwargs):
+                 dev_dataset=None, **kwargs):
         if model is None:
             raise ValueError("QATTrainer needs model= (a model prepared by qat.get_qat_model or qat.quantize_model)")
         if not any(isinstance(m, QuantLinear) for m in model.modules()):
@@ -123,7 +127,8 @@ class QATTrainer(Trainer):
                              "bits=4, group_size=32) (or give QATSFTTrainer peft_config=)")
         args = as_qat_arguments(args, model, self.args_class)
         teacher = resolve_teacher(model, teacher, args)  # before anything is frozen or moved
-        check_trainable(model, parameter_role)
+        asked = set(bias_and_norm_names(model, args.train_biases, args.train_norms))  # the recipe trains these
+        check_trainable(model, lambda name: "recipe" if name in asked else parameter_role(name))
         parameter_groups(model, args)  # "nothing to train" now, not at the first step
         super().__init__(model=model, args=args, **kwargs)
         # Our losses are per-token / per-example means: let training_step divide by the accumulation steps.
@@ -145,8 +150,20 @@ class QATTrainer(Trainer):
         if self.is_fsdp_enabled:
             self.add_callback(ShardedSetup(args.quantized_grads, args.seed))
         self.add_callback(FakeQuantSchedule(args.fake_quant_start_step))
+        self.keep_best = self._keep_best_callback(dev_dataset)
         self._zo: list[ZOTensor] | None = None
         self._zo_micro = (-1, 0)  # (global step, micro-batch index) for the perturbation seed
+
+    def _keep_best_callback(self, dev) -> KeepBest | None:
+        """keep_best (on by default) scores ``dev_dataset`` (tokenised rows; the main job passes its
+        held-out split) at step 0, every keep_best_steps and at the end, and leaves the best state in
+        the model; off without one or when sharded (Trainer-API users get the Trainer's own behaviour)."""
+        usable = dev is not None and hasattr(dev, "__len__") and not isinstance(dev, dict) and len(dev) > 0
+        if not (self.args.keep_best and usable) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None
+        callback = KeepBest(self, dev, self.args.keep_best_steps, self.args.per_device_eval_batch_size)
+        self.add_callback(callback)
+        return callback
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -195,12 +212,14 @@ class QATTrainer(Trainer):
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        outputs = model(**model_inputs(inputs, args.task))
+        # hidden_mse distils every layer's output: both models return their hidden states.
+        extra = {"output_hidden_states": True} if args.distill == "hidden_mse" and self.teacher is not None else {}
+        outputs = model(**model_inputs(inputs, args.task), **extra)
         task_loss = None if args.task == "embedding" else outputs.loss
         loss = task_loss
         if self.teacher is not None and args.distill != "none":
             with torch.no_grad():
-                teacher_out = self.teacher(**model_inputs(inputs, args.task))
+                teacher_out = self.teacher(**model_inputs(inputs, args.task), **extra)
             d = distill_loss(args.distill, args.task, outputs, teacher_out, inputs, args.distill_temperature)
             loss = d if task_loss is None else (1 - args.distill_weight) * task_loss + args.distill_weight * d
             if self._in_training_step:  # not evaluation

@@ -64,3 +64,36 @@ def test_mse_on_hidden_states_and_on_logits_ignores_padding():
     assert math.isclose(got.item(), want.item(), rel_tol=1e-6)
     cls = distill_loss("mse", "seq_cls", SimpleNamespace(logits=s[:, 0]), SimpleNamespace(logits=t[:, 0]), {}, 1.0)
     assert math.isclose(cls.item(), ((s[:, 0] - t[:, 0]) ** 2).mean().item(), rel_tol=1e-6)
+
+
+def test_hidden_mse_matches_float64_per_layer_per_token_formula():
+    from qat.trainers.losses import hidden_state_mse
+
+    torch.manual_seed(3)
+    B, T, H, L = 2, 5, 6, 3
+    # hidden_states[0] (embeddings) differs on purpose: it is not part of the loss
+    student = tuple(torch.randn(B, T, H) * (l + 1) for l in range(L + 1))
+    teacher = tuple(torch.randn(B, T, H) * (l + 1) + 0.5 for l in range(L + 1))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    expected = 0.0
+    for l in range(1, L + 1):
+        kept = [(b, t) for b in range(B) for t in range(T) if mask[b, t]]
+        tv = torch.stack([teacher[l][b, t].double() for b, t in kept])           # [N, H]
+        var = float(((tv - tv.mean()) ** 2).mean())                                 # over tokens and features
+        err = sum(float(((student[l][b, t].double() - teacher[l][b, t].double()) ** 2).mean()) for b, t in kept)
+        expected += err / len(kept) / var
+    expected /= L
+    got = distill_loss("hidden_mse", "embedding", SimpleNamespace(hidden_states=student),
+                       SimpleNamespace(hidden_states=teacher), {"attention_mask": mask}, 1.0)
+    # fp32 sums of ~50 squared differences per layer vs float64: relative error ~1e-6.
+    assert math.isclose(got.item(), expected, rel_tol=1e-5)
+    # padding does not count: changing a masked-out token's student state leaves the loss unchanged
+    moved = tuple(s.clone() for s in student)
+    moved[2][0, 4] += 100.0
+    again = distill_loss("hidden_mse", "embedding", SimpleNamespace(hidden_states=moved),
+                         SimpleNamespace(hidden_states=teacher), {"attention_mask": mask}, 1.0)
+    assert again.item() == got.item()
+    # and the same loss applies to a causal LM (attention mask, no labels needed)
+    lm = distill_loss("hidden_mse", "causal_lm", SimpleNamespace(hidden_states=student),
+                      SimpleNamespace(hidden_states=teacher), {"attention_mask": mask, "labels": mask}, 1.0)
+    assert lm.item() == got.item()
