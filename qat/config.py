@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from qat import primitives as P
+from qat.act_quant import check_act_settings
 
 STEP_INITS = ("rtn", "mse")
 PLACEMENTS = ("inside", "outside")
@@ -75,9 +76,15 @@ class QuantConfig:
     overrides: dict[str, dict] = field(default_factory=dict)
     learn_scale: bool = True
     learn_zero_point: bool = True
+    # Activation fake-quantization of every quantized layer's input (qat.act_quant): None keeps
+    # activations float; 8 with "dynamic_token" is W8A8 / W4A8 int8 per-token, "static_tensor" a
+    # learned (LSQ) per-tensor step.
+    act_bits: int | None = None
+    act_scheme: str = "dynamic_token"
 
     def __post_init__(self):
         self.default_spec()  # validates the global settings
+        check_act_settings(self.act_bits, self.act_scheme)
         for pattern in [*self.include, *self.exclude, *self.overrides]:
             try:
                 re.compile(pattern)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qat.act_quant import act_quantizer_for
 from qat.config import QuantConfig
 from qat.primitives import check_group_size
 from qat.quant_linear import QuantLinear, is_conv1d
@@ -51,6 +52,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
         plans.append((name, module, spec))
     for name, module, spec in plans:
         layer = QuantLinear.from_linear(module, spec, name=name)
+        layer.act_quant = act_quantizer_for(config.act_bits, config.act_scheme, config.learn_scale)
         layer.weight_scale.requires_grad_(config.learn_scale)
         if layer.weight_zero_point is not None:
             layer.weight_zero_point.requires_grad_(config.learn_zero_point)
