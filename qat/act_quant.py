@@ -20,6 +20,7 @@ compressed-tensors' own fake-quantizer (what transformers runs on reload) divide
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -56,10 +57,11 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, bits: int,
     return q * scale
 
 
-def token_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-token step [..., 1] = max|x| over the last dim / Qp (a zero token gets step 1: it stays 0)."""
+def token_scale(x: torch.Tensor, bits: int, divisor: float | None = None) -> torch.Tensor:
+    """Per-token step [..., 1] = max|x| over the last dim / Qp (or / ``divisor``); a zero token
+    gets step 1 (it stays 0)."""
     absmax = x.detach().abs().amax(dim=-1, keepdim=True)
-    scale = absmax / P.qrange(bits)[1]
+    scale = absmax / (divisor or P.qrange(bits)[1])
     return torch.where(absmax > 0, scale, torch.ones_like(scale))
 
 
@@ -75,6 +77,9 @@ class ActQuantizer(nn.Module):
         check_act_settings(bits, scheme)
         self.bits, self.scheme = bits, scheme
         self.enabled = True
+        # Dynamic step = absmax / token_divisor; None: / Qp (vLLM). compressed_tensors_steps() sets
+        # compressed-tensors' (Qp + Qn) / 2 for the duration of an export check.
+        self.token_divisor: float | None = None
         if scheme == "static_tensor":
             self.scale = nn.Parameter(torch.ones(1), requires_grad=learn_scale)
             # Whether ``scale`` holds a real step yet (saved, so a reloaded layer is not re-initialised).
@@ -96,7 +101,7 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self.dynamic:
-            return fake_quantize_activation(x, token_scale(x, self.bits), self.bits)
+            return fake_quantize_activation(x, token_scale(x, self.bits, self.token_divisor), self.bits)
         if not bool(self.initialized):
             self.init_scale(x)
         lsq = 1.0 / math.sqrt(x.numel() * P.qrange(self.bits)[1])  # N = every element sharing the step
@@ -117,6 +122,22 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, scheme={self.scheme}"
+
+
+@contextlib.contextmanager
+def compressed_tensors_steps(model: nn.Module):
+    """Within the block, every dynamic quantizer divides the token's absmax by (Qp + Qn) / 2 (127.5
+    at int8), as compressed-tensors' reader (transformers) does, instead of Qp (vLLM's kernels):
+    the model then computes exactly what its transformers reload computes, for export checks."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.dynamic]
+    try:
+        for q in quantizers:
+            qmin, qmax = P.qrange(q.bits)
+            q.token_divisor = (qmax - qmin) / 2
+        yield model
+    finally:
+        for q in quantizers:
+            q.token_divisor = None
 
 
 def act_quantizer_for(bits: int | None, scheme: str, learn_scale: bool = True) -> ActQuantizer | None:

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import qat
-from qat.act_quant import ActQuantizer
+from qat.act_quant import ActQuantizer, compressed_tensors_steps
 from qat.quant_linear import QuantLinear
 from tests.conftest import tiny_llama
 
@@ -162,6 +162,10 @@ def test_w8a8_dynamic_export_reloads_within_the_rounding_bound(tmp_path):
         assert bool((diff <= bound).all()), name
         worst = max(worst, float((diff / bound).max()))
     assert worst > 1e-3  # the two step conventions really differ: the bound is exercised, not vacuous
+    # Under compressed-tensors' step convention the trained model computes what the reload computes:
+    # same int8 weights, same activation steps, same fp32 ops; only BLAS order can differ.
+    with torch.no_grad(), compressed_tensors_steps(model):
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     # qat's own loader rebuilds the same dynamic quantizers: the whole model agrees exactly.
     ours = qat.load_quantized(tmp_path / "w8a8")
     with torch.no_grad():

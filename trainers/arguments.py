@@ -73,6 +73,14 @@ class QATArguments(TrainingArguments):
         "Train the steps (LSQ); false keeps them at their start."})
     learn_zero_point: bool = field(default=True, metadata={"help":
         "Train the zero points of an asymmetric grid (LSQ+)."})
+    act_bits: int | None = field(default=None, metadata={"help":
+        "Fake-quantize the activations too (8: W8A8 / W4A8, or 4); unset keeps them float."})
+    act_scheme: str = field(default="dynamic_token", metadata={"help":
+        "'dynamic_token': one step per token, absmax / 127 (vLLM's int8); 'static_tensor': one learned "
+        "(LSQ) step per layer."})
+    rotate: str | None = field(default=None, metadata={"help":
+        "'hadamard' folds QuaRot rotations into the float model before quantizing (Llama / Qwen2 / "
+        "Mistral); unset: no rotation."})
     step_learning_rate: float | None = field(default=None, metadata={"help":
         "The learning rate of the steps; unset means learning_rate."})
     zero_point_learning_rate: float | None = field(default=None, metadata={"help":
@@ -163,6 +171,9 @@ class QATArguments(TrainingArguments):
             raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
         check_data_parallel(self)
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
+        from qat.rotation import check_rotation
+
+        check_rotation(self.rotate)
         self.adapter_config()
         from qat.serving import check_serving  # the target's kernels take every layer format, or refuse now
 
@@ -170,6 +181,9 @@ class QATArguments(TrainingArguments):
             self.serving, self.export_format, self.quant_config(), task=self.task,
             outside_adapter=self.adapter != "none" and self.adapter_placement == "outside",
             sharded=bool(self.fsdp) or bool(self.deepspeed))
+        if self.act_bits is not None and self.export_format == "gguf":
+            raise ValueError("act_bits is set but GGUF files hold no activation format (llama.cpp quantizes "
+                             "activations its own way): export compressed-tensors, or leave act_bits unset")
         if self.deepspeed:  # refuse a config that would upcast the packed codes, before any engine exists
             from qat.trainers.deepspeed_utils import check_deepspeed_config
 
@@ -180,7 +194,8 @@ class QATArguments(TrainingArguments):
                            symmetric=self.symmetric, storage_bits=self.storage_bits, init=self.quant_init,
                            include=list(self.quant_include), exclude=list(self.quant_exclude),
                            overrides=dict(self.quant_overrides), learn_scale=self.learn_scale,
-                           learn_zero_point=self.learn_zero_point)
+                           learn_zero_point=self.learn_zero_point, act_bits=self.act_bits,
+                           act_scheme=self.act_scheme)
 
     def adapter_config(self) -> AdapterConfig | None:
         if self.adapter == "none":

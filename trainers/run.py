@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import qat
+from qat.act_quant import compressed_tensors_steps
 from qat.trainers.arguments import QATArguments
 
 MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification",
@@ -136,6 +137,15 @@ def calibrate(args: QATArguments, model, train_dataset) -> dict:
     return {"float_weights": float_weights, "calib": calib}
 
 
+def rotate(args: QATArguments, model):
+    """``rotate: hadamard``: fold the rotations into the float model (same function), in place."""
+    if args.rotate:
+        from qat.rotation import rotate_model
+
+        rotate_model(model, seed=args.seed)  # ValueError (one sentence) for a model it cannot rotate
+    return model
+
+
 def quantize(args: QATArguments, model):
     """Freeze everything, then swap the linear layers for QuantLinear (steps trainable); in place."""
     from qat.serving import train_for_target
@@ -156,6 +166,7 @@ def attach_adapters(args: QATArguments, model, calibration: dict) -> None:
 
 def prepare_model(args: QATArguments, model, train_dataset):
     """Quantize in place and attach adapters (with calibration for error-aware inits); returns the model."""
+    rotate(args, model)
     calibration = calibrate(args, model, train_dataset)
     quantize(args, model)
     attach_adapters(args, model, calibration)
@@ -288,6 +299,7 @@ def run(args: QATArguments) -> dict:
     num_labels = len(set(train_ds["labels"])) if args.task == "seq_cls" else None
     with materialized_loading(args):
         model = load_model(args.model_name_or_path, args.task, num_labels)
+    rotate(args, model)  # before the teacher copy and the float row: the same function, rotated
     teacher = copy.deepcopy(model).eval() if args.distill != "none" else None
     collate = collator(tokenizer, args.task)
 
@@ -322,7 +334,8 @@ def run(args: QATArguments) -> dict:
     if reloaded is not None and not sharded:
         batch = {k: v.to(model.device) for k, v in
                  collate([eval_ds[i] for i in range(min(4, len(eval_ds)))]).items() if k != "labels"}
-        max_diff = export_max_diff(args, model, reloaded, batch)
+        with compressed_tensors_steps(model):  # transformers' per-token int8 step convention, if any
+            max_diff = export_max_diff(args, model, reloaded, batch)
         if max_diff > 1e-3:
             raise RuntimeError(f"the export at {export_dir} does not reproduce the trained model (max |diff| "
                                f"{max_diff:.3g}); the training checkpoints in {args.output_dir} are kept")
