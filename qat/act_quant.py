@@ -140,6 +140,19 @@ def compressed_tensors_steps(model: nn.Module):
             q.token_divisor = None
 
 
+@torch.no_grad()
+def init_static_steps(model: nn.Module, batch: dict) -> int:
+    """Set every not-yet-set static step from one forward on ``batch`` (training data: the held-out
+    split must not choose a step). Returns how many steps were set."""
+    pending = [m for m in model.modules() if isinstance(m, ActQuantizer) and not m.dynamic and not bool(m.initialized)]
+    if pending:
+        was_training = model.training
+        model.eval()
+        model(**batch)
+        model.train(was_training)
+    return len(pending)
+
+
 def act_quantizer_for(bits: int | None, scheme: str, learn_scale: bool = True) -> ActQuantizer | None:
     """The quantizer QuantConfig asks for, or None (float activations)."""
     return None if bits is None else ActQuantizer(bits, scheme, learn_scale)

@@ -191,3 +191,15 @@ def test_w8a8_static_export_reloads_exactly(tmp_path):
     assert all(bool(m.act_quant.initialized) for _, m in qat.quant_layers(ours))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_init_static_steps_calibrates_on_the_batch_it_is_given():
+    from qat.act_quant import init_static_steps
+
+    model = _w8a8("static_tensor")
+    train = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    inputs = _inputs_of(_w8a8("dynamic_token"), train)  # the float-step-free inputs of the first layer
+    assert init_static_steps(model, {"input_ids": train}) == 14
+    name, layer = qat.quant_layers(model)[0]  # the first layer's input does not depend on earlier rounding
+    assert float(layer.act_quant.scale) == pytest.approx(float(inputs[name].abs().max()) / QP, rel=1e-6)
+    assert init_static_steps(model, {"input_ids": train * 0}) == 0  # set once: later batches train it

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import qat
-from qat.act_quant import compressed_tensors_steps
+from qat.act_quant import compressed_tensors_steps, init_static_steps
 from qat.trainers.arguments import QATArguments
 
 MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification",
@@ -313,6 +313,8 @@ def run(args: QATArguments) -> dict:
     # prepare_model's steps, with the post-training row measured between quantizing and the adapters
     calibration = calibrate(args, model, train_ds)
     quantize(args, model)
+    init_static_steps(model, {k: v.to(model.device) for k, v in collate(  # from training data, not held-out
+        [train_ds[i] for i in range(min(args.per_device_train_batch_size, len(train_ds)))]).items() if k != "labels"})
     rows["post-training"] = evaluate(args, model, tokenizer, eval_ds, texts, collate, float_emb)
     attach_adapters(args, model, calibration)
 

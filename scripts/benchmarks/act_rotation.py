@@ -107,6 +107,8 @@ def main() -> int:
     p.add_argument("--qat_steps", type=int, default=60)
     p.add_argument("--qat_batch", type=int, default=8)
     p.add_argument("--skip_qat", action="store_true")
+    p.add_argument("--skip_ptq", action="store_true", help="only the float and QAT rows")
+    p.add_argument("--qat_rotated_only", action="store_true", help="only the rotated QAT row")
     p.add_argument("--json", default=None)
     ns = p.parse_args()
     transformers.logging.set_verbosity_error()
@@ -125,13 +127,13 @@ def main() -> int:
     collate = collator(tokenizer, "causal_lm")
     rows = {"float": {"perplexity": perplexity(load_model(str(model_dir), "causal_lm").eval(), eval_ds, collate)}}
     print(f"float: {rows['float']['perplexity']:.3f} on {len(eval_ds)} blocks of {block}", flush=True)
-    for rotate in (False, True):
+    for rotate in (() if ns.skip_ptq else (False, True)):
         for label, bits, group, act_bits in FORMATS:
             name = f"{label} RTN{' + rotation' if rotate else ''}"
             rows[name] = ptq_row(model_dir, work, label, bits, group, act_bits, rotate, eval_ds, collate)
             print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
     if not ns.skip_qat:
-        for rotate in (True, False):
+        for rotate in ((True,) if ns.qat_rotated_only else (True, False)):
             name = f"W4A8 QAT{' + rotation' if rotate else ''}"
             rows[name] = qat_row(model_dir, block, work, rotate, ns.qat_steps, ns.qat_batch, ns.eval_blocks,
                                  eval_ds, collate)
@@ -141,7 +143,7 @@ def main() -> int:
               "parameters": log.get("parameters"), "pretrain_heldout_perplexity": log.get("heldout_perplexity"),
               "eval_blocks": len(eval_ds), "block": block, "qat_steps": ns.qat_steps, "qat_batch": ns.qat_batch,
               "rows": rows, "total_s": time.time() - t_start,
-              "command": "python scripts/benchmarks/act_rotation.py " + " ".join(sys.argv[1:])}
+              "command": "HF_HUB_OFFLINE=1 python scripts/benchmarks/act_rotation.py " + " ".join(sys.argv[1:])}
     if ns.json:
         Path(ns.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(rows, indent=1))
