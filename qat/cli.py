@@ -44,6 +44,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="A regex of module names kept in float; repeatable (default: the output and classifier heads).")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=KEY:VAL[,KEY:VAL]",
                    help="Per-layer settings for mixed precision, e.g. 'down_proj=bits:8'; repeatable.")
+    p.add_argument("--act-bits", type=int, choices=[4, 8], default=None,
+                   help="Fake-quantize the activations too, int8 (or int4) per token, dynamic: W8A8 / W4A8 "
+                        "(default: float activations).")
+    p.add_argument("--rotate", choices=["hadamard"], default=None,
+                   help="Fold Hadamard rotations into the float model first (Llama / Qwen2 / Mistral).")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -72,6 +77,7 @@ def _quant_config(args):
         overrides=_parse_overrides(args.override),
         gptq_damp=getattr(args, "damp", 0.01),
         gptq_act_order=getattr(args, "act_order", False),
+        act_bits=getattr(args, "act_bits", None),
     )
 
 
@@ -147,12 +153,18 @@ def cmd_quantize(args) -> int:
     model = load_float_model(args.model)
     batches = calibration_batches(args.model, texts, args.calibration_max_length) if texts else None
     try:
+        if getattr(args, "rotate", None):
+            from qat.rotation import rotate_model
+
+            rotate_model(model)
         qat.quantize_model(model, config, calibration=batches)
     except ValueError as err:
         raise SystemExit(f"qat: {err}") from None
     print(qat.format_report(qat.quantization_report(model)))
     out = qat.export_model(model, args.out, overwrite=args.overwrite, source_dir=args.model,
-                           recipe={"command": "qat quantize", **config.to_dict()}, base_model=args.model)
+                           recipe={"command": "qat quantize", **config.to_dict(),
+                                   **({"rotate": args.rotate} if getattr(args, "rotate", None) else {})},
+                           base_model=args.model)
     print(f"exported to {out}")
     return 0
 

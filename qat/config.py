@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from qat import primitives as P
+from qat.act_quant import check_act_settings
 
 STEP_INITS = ("rtn", "mse", "gptq")  # gptq: error-compensating codes from calibration data (qat.gptq)
 GPTQ_STEP_SEARCHES = ("rtn", "mse")  # how GPTQ picks each group's step
@@ -86,12 +87,19 @@ class QuantConfig:
     gptq_act_order: bool = False
     gptq_step_init: str = "mse"
 
+    # Activation fake-quantization of every quantized layer's input (qat.act_quant): None keeps
+    # activations float; 8 with "dynamic_token" is W8A8 / W4A8 int8 per-token, "static_tensor" a
+    # learned (LSQ) per-tensor step.
+    act_bits: int | None = None
+    act_scheme: str = "dynamic_token"
+
     def __post_init__(self):
         self.default_spec()  # validates the global settings
         if not self.gptq_damp > 0:
             raise ValueError(f"gptq_damp={self.gptq_damp}: use a positive share of the mean Hessian diagonal, e.g. 0.01")
         if self.gptq_step_init not in GPTQ_STEP_SEARCHES:
             raise ValueError(f"gptq_step_init={self.gptq_step_init!r}: use one of {GPTQ_STEP_SEARCHES}")
+        check_act_settings(self.act_bits, self.act_scheme)
         for pattern in [*self.include, *self.exclude, *self.overrides]:
             try:
                 re.compile(pattern)

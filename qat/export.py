@@ -57,12 +57,12 @@ def quantization_config(model: nn.Module, dequantize: bool = False) -> dict:
     for name, layer in layers:
         spec = layer.spec
         key = (spec.export_bits, None if spec.group_size is None else layer.group_size, spec.symmetric,
-               spec.init, str(layer.scale_dtype))
+               spec.init, str(layer.scale_dtype), _act_key(layer))
         groups.setdefault(key, []).append(name)
     quantized = {n for n, _ in layers}
     ignore = [n for n, _ in linear_layers(model) if n not in quantized]
     config_groups = {}
-    for i, ((bits, group_size, symmetric, init, scale_dtype), names) in enumerate(sorted(groups.items(), key=str)):
+    for i, ((bits, group_size, symmetric, init, scale_dtype, act), names) in enumerate(sorted(groups.items(), key=str)):
         config_groups[f"group_{i}"] = {
             "targets": ["Linear"] if len(groups) == 1 else [_name_target(n) for n in names],
             "weights": {
@@ -77,7 +77,7 @@ def quantization_config(model: nn.Module, dequantize: bool = False) -> dict:
                 "observer": OBSERVERS[init],
                 "scale_dtype": scale_dtype,  # the dtype weight_scale is saved in ("torch.float32", ...)
             },
-            "input_activations": None,
+            "input_activations": json.loads(act) if act else None,  # W8A8 / W4A8: qat.act_quant
             "output_activations": None,
             "format": "pack-quantized",
         }
@@ -99,6 +99,16 @@ def quantization_config(model: nn.Module, dequantize: bool = False) -> dict:
         # transformers decompresses to dense either way); vLLM ignores the key.
         config["dequantize"] = True
     return config
+
+
+def _act_key(layer: QuantLinear) -> str | None:
+    """The layer's ``input_activations`` arguments as a hashable key (None: float activations)."""
+    act = getattr(layer, "act_quant", None)
+    return None if act is None else json.dumps(act.export_args(), sort_keys=True)
+
+
+def _act_formats(config: dict) -> set:
+    return {json.dumps(g.get("input_activations"), sort_keys=True) for g in config.get("config_groups", {}).values()}
 
 
 OBSERVERS = {"mse": "mse", "rtn": "minmax"}  # qat's step init -> compressed-tensors observer name
@@ -128,7 +138,7 @@ def keep_source_fields(config: dict, source: Path | None) -> dict:
         return config
     mine = {_weights_format(g["weights"]) for g in config["config_groups"].values()}
     theirs = {_weights_format(g.get("weights") or {}) for g in prior.get("config_groups", {}).values()}
-    if mine != theirs:
+    if mine != theirs or _act_formats(config) != _act_formats(prior):
         return config
     merged = copy.deepcopy(prior)
     merged["quantization_status"] = "compressed"
@@ -170,7 +180,22 @@ def layer_export_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tenso
         out[f"{name}.weight_zero_point"] = dispatch.pack_int32(zero, bits, dim=0)
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach().contiguous()
+    out.update(act_export_tensors(name, layer))
     return out
+
+
+@torch.no_grad()
+def act_export_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
+    """A static activation step as compressed-tensors names it: ``input_scale`` [1] and a zero
+    ``input_zero_point`` [1] (symmetric); dynamic steps are computed by the runtime: nothing saved."""
+    act = getattr(layer, "act_quant", None)
+    if act is None or act.dynamic:
+        return {}
+    if not bool(act.initialized):
+        raise ValueError(f"{name}'s static activation step was never set: run at least one forward "
+                         "(calibration or training batch) before exporting")
+    return {f"{name}.input_scale": act.scale.detach().to(layer.scale_dtype).reshape(1).clone(),
+            f"{name}.input_zero_point": torch.zeros(1, dtype=torch.int8)}
 
 
 def state_owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:

@@ -16,6 +16,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from qat.act_quant import act_quantizer_from_args
 from qat.config import LayerSpec, QuantConfig
 from qat.export import QAT_CONFIG_FILE
 from qat.packing import packed_width, unpack_int32
@@ -78,15 +79,34 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _weight_args_for(name: str, qc: dict) -> dict:
-    """The config group's weight arguments that apply to module ``name``."""
+def _group_for(name: str, qc: dict) -> dict:
+    """The config group that applies to module ``name``."""
     for group in qc["config_groups"].values():
         for target in group.get("targets", []):
             if target == "Linear" or name == target or (
                 target.startswith("re:") and re.match(target[3:], name)
             ):
-                return group["weights"]
+                return group
     raise ValueError(f"{name} has packed weights but no config group targets it: the config.json is inconsistent")
+
+
+def _weight_args_for(name: str, qc: dict) -> dict:
+    """The config group's weight arguments that apply to module ``name``."""
+    return _group_for(name, qc)["weights"]
+
+
+@torch.no_grad()
+def _attach_act_quant(layer: QuantLinear, name: str, args: dict | None, t: dict) -> None:
+    """The checkpoint's ``input_activations`` as the layer's ActQuantizer, with its saved static step."""
+    try:
+        layer.act_quant = act_quantizer_from_args(args)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    if layer.act_quant is not None and not layer.act_quant.dynamic:
+        if f"{name}.input_scale" not in t:
+            raise ValueError(f"{name} has static input_activations but no {name}.input_scale: the checkpoint is truncated")
+        layer.act_quant.scale.copy_(t[f"{name}.input_scale"].float().reshape(1))
+        layer.act_quant.initialized.fill_(True)
 
 
 def _layer_from_tensors(name, t, args, recorded, dtype) -> QuantLinear:
@@ -141,6 +161,7 @@ def load_quantized(path: str | Path, model_class=None, dtype: torch.dtype | None
     for name in names:
         args = _weight_args_for(name, qc)
         layer = _layer_from_tensors(name, tensors, args, recorded_layers.get(name, {}), dtype)
+        _attach_act_quant(layer, name, _group_for(name, qc).get("input_activations"), tensors)
         set_submodule(model, name, layer)
     quant_keys = tuple(f"{n}." for n in names)
     rest = {k: v for k, v in tensors.items() if not k.startswith(quant_keys)}

@@ -104,6 +104,8 @@ class QuantLinear(nn.Module):
         self.fake_quant_enabled = True
         self.train_mode = "fake_quant"  # see the module docstring; set_train_mode changes it
         self.adapter: nn.Module | None = None
+        # Input fake-quantizer (qat.act_quant.ActQuantizer) for W8A8 / W4A8; None: float activations.
+        self.act_quant: nn.Module | None = None
         self.source_type = "Linear"
         groups = in_features // self.group_size
         words = packed_width(in_features, spec.storage_bits)
@@ -290,6 +292,8 @@ class QuantLinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)  # the layer (and any adapter) reads the quantized input
         trainables = self.trainable_tensors() if torch.is_grad_enabled() else []
         if trainables or (torch.is_grad_enabled() and x.requires_grad):
             y = _RecomputedLinear.apply(x, self, *trainables)

@@ -7,6 +7,7 @@ import re
 import torch
 from torch import nn
 
+from qat.act_quant import act_quantizer_for
 from qat.config import QuantConfig
 from qat.primitives import check_group_size
 from qat.quant_linear import QuantLinear, is_conv1d
@@ -67,6 +68,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None,
                          "--calibration-text, or the training data in qat train), or use init 'mse'")
 
     def finish(name, module, layer):
+        layer.act_quant = act_quantizer_for(config.act_bits, config.act_scheme, config.learn_scale)
         layer.weight_scale.requires_grad_(config.learn_scale)
         if layer.weight_zero_point is not None:
             layer.weight_zero_point.requires_grad_(config.learn_zero_point)

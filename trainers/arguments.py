@@ -83,6 +83,15 @@ class QATArguments(TrainingArguments):
         "Train the steps (LSQ); false keeps them at their start."})
     learn_zero_point: bool = field(default=True, metadata={"help":
         "Train the zero points of an asymmetric grid (LSQ+)."})
+    act_bits: int | None = field(default=None, metadata={"help":
+        "Fake-quantize the activations too (8: W8A8 / W4A8, or 4); unset keeps them float."})
+    act_scheme: str = field(default="dynamic_token", metadata={"help":
+        "How activation steps are set: 'dynamic_token' is one step per token, absmax / 127 (vLLM's int8); "
+        "'static_tensor' one learned "
+        "(LSQ) step per layer."})
+    rotate: str | None = field(default=None, metadata={"help":
+        "A rotation before quantizing: 'hadamard' folds QuaRot rotations into the float model before quantizing (Llama / Qwen2 / "
+        "Mistral); unset: no rotation."})
     step_learning_rate: float | None = field(default=None, metadata={"help":
         "The learning rate of the steps; unset means learning_rate."})
     zero_point_learning_rate: float | None = field(default=None, metadata={"help":
@@ -202,6 +211,9 @@ class QATArguments(TrainingArguments):
             raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
         check_data_parallel(self)
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
+        from qat.rotation import check_rotation
+
+        check_rotation(self.rotate)
         self.adapter_config()
         check_train_mode(self.train_mode, self.quant_config(), self.adapter, self.adapter_placement)
         self.check_exportable()
@@ -211,6 +223,9 @@ class QATArguments(TrainingArguments):
             self.serving, self.export_format, self.quant_config(), task=self.task,
             outside_adapter=self.adapter != "none" and self.adapter_placement == "outside",
             sharded=bool(self.fsdp) or bool(self.deepspeed))
+        if self.act_bits is not None and self.export_format == "gguf":
+            raise ValueError("act_bits is set but GGUF files hold no activation format (llama.cpp quantizes "
+                             "activations its own way): export compressed-tensors, or leave act_bits unset")
         if self.deepspeed:  # refuse a config that would upcast the packed codes, before any engine exists
             from qat.trainers.deepspeed_utils import check_deepspeed_config
 
@@ -236,7 +251,8 @@ class QATArguments(TrainingArguments):
                            include=list(self.quant_include), exclude=list(self.quant_exclude),
                            overrides=dict(self.quant_overrides), learn_scale=self.learn_scale,
                            learn_zero_point=self.learn_zero_point, gptq_damp=self.gptq_damp,
-                           gptq_act_order=self.gptq_act_order, gptq_step_init=self.gptq_step_init)
+                           gptq_act_order=self.gptq_act_order, gptq_step_init=self.gptq_step_init,
+                           act_bits=self.act_bits, act_scheme=self.act_scheme)
 
     def adapter_config(self) -> AdapterConfig | None:
         if self.adapter == "none":

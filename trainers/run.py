@@ -21,6 +21,7 @@ import qat
 from qat import safety
 from qat.export import _is_export_file
 from qat.safety import LOCK_FILE, OutputLock, check_model_folder
+from qat.act_quant import compressed_tensors_steps, init_static_steps
 from qat.trainers.arguments import QATArguments
 
 MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification",
@@ -172,6 +173,15 @@ def calibrate(args: QATArguments, model, train_dataset) -> dict:
     return {"float_weights": float_weights, "calib": calib}
 
 
+def rotate(args: QATArguments, model):
+    """``rotate: hadamard``: fold the rotations into the float model (same function), in place."""
+    if args.rotate:
+        from qat.rotation import rotate_model
+
+        rotate_model(model, seed=args.seed)  # ValueError (one sentence) for a model it cannot rotate
+    return model
+
+
 def uses_gptq(args: QATArguments) -> bool:
     cfg = args.quant_config()
     return cfg.init == "gptq" or any(o.get("init") == "gptq" for o in cfg.overrides.values())
@@ -217,6 +227,7 @@ def attach_adapters(args: QATArguments, model, calibration: dict) -> None:
 
 def prepare_model(args: QATArguments, model, train_dataset):
     """Quantize in place and attach adapters (with calibration for error-aware inits); returns the model."""
+    rotate(args, model)
     calibration = calibrate(args, model, train_dataset)
     batches = calibration_batches(train_dataset, args.calibration_samples) if uses_gptq(args) else None
     quantize(args, model, batches)
@@ -446,6 +457,7 @@ def _run(args: QATArguments, export_dir: Path) -> dict:
     num_labels = len(set(train_ds["labels"])) if args.task == "seq_cls" else None
     with materialized_loading(args):
         model = load_model(args.model_name_or_path, args.task, num_labels, trust_remote_code=args.trust_remote_code)
+    rotate(args, model)  # before the teacher copy and the float row: the same function, rotated
     teacher = copy.deepcopy(model).eval() if args.distill != "none" else None
     float_model = teacher if teacher is not None or not args.blockwise_steps else copy.deepcopy(model).eval()
     collate = collator(tokenizer, args.task)
@@ -461,6 +473,8 @@ def _run(args: QATArguments, export_dir: Path) -> dict:
     calibration = calibrate(args, model, train_ds)
     batches = calibration_batches(train_ds, args.calibration_samples, tokenizer) if uses_gptq(args) else None
     quantize(args, model, batches)
+    init_static_steps(model, {k: v.to(model.device) for k, v in collate(  # from training data, not held-out
+        [train_ds[i] for i in range(min(args.per_device_train_batch_size, len(train_ds)))]).items() if k != "labels"})
     rows["post-training"] = evaluate(args, model, tokenizer, eval_ds, texts, collate, float_emb)
     attach_adapters(args, model, calibration)
     if args.blockwise_steps:
@@ -485,7 +499,8 @@ def _run(args: QATArguments, export_dir: Path) -> dict:
     if reloaded is not None and not sharded:
         batch = {k: v.to(model.device) for k, v in
                  collate([eval_ds[i] for i in range(min(4, len(eval_ds)))]).items() if k != "labels"}
-        max_diff = export_max_diff(args, model, reloaded, batch)
+        with compressed_tensors_steps(model):  # transformers' per-token int8 step convention, if any
+            max_diff = export_max_diff(args, model, reloaded, batch)
         if max_diff > 1e-3:  # a wrong export must not look like one: it goes, the checkpoints stay
             shutil.rmtree(export_dir, ignore_errors=True)
             raise ValueError(f"the export did not reproduce the trained model (max |diff| {max_diff:.3g}) and was "

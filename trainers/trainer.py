@@ -88,7 +88,7 @@ def parameter_role(name: str) -> str:
     """The optimizer group of a parameter: 'adapters', 'steps', 'zero_points' or 'other'."""
     if is_adapter_name(name):
         return "adapters"
-    if name.endswith("weight_scale"):
+    if name.endswith(("weight_scale", "act_quant.scale")):  # weight and static activation steps
         return "steps"
     if name.endswith("weight_zero_point"):
         return "zero_points"

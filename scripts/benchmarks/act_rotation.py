@@ -1,0 +1,154 @@
+"""Activation quantization and Hadamard rotation on a small causal LM: held-out perplexity of
+
+    float; W8A8 / W4A8 / W4A4 RTN; the same after qat.rotation.rotate_model; W4A8 QAT (short), with
+    and without the rotation,
+
+every quantized row exported as compressed-tensors and reloaded by transformers (whose per-token step
+is absmax / 127.5, compressed-tensors' convention; qat trains with vLLM's absmax / 127).
+
+The model is a folder laid out as causal_lm.py / testbed.py cache it (model, tokenizer, train.jsonl,
+heldout.jsonl, pretrain_log.json); the held-out split is tokenised and packed by qat.trainers.data as
+the job does, and every row is measured on the same blocks.
+
+    HF_HUB_OFFLINE=1 python scripts/benchmarks/act_rotation.py --model_dir outputs/testbed/causal_lm_<hash> \
+        --json docs/benchmarks/act_rotation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "scripts" / "recipes" / "w4a8.yaml"
+# (label, weight bits, weight group (None: per channel), activation bits)
+FORMATS = [("W8A8", 8, None, 8), ("W4A8", 4, 32, 8), ("W4A4", 4, 32, 4)]
+
+
+def job_argv(model_dir: Path, block: int, out: Path, rotate: bool, steps: int, batch: int, eval_blocks: int) -> list[str]:
+    argv = ["--config", str(RECIPE), "--model_name_or_path", str(model_dir),
+            "--dataset", str(model_dir / "train.jsonl"), "--eval_dataset", str(model_dir / "heldout.jsonl"),
+            "--max_eval_samples", str(eval_blocks), "--max_length", str(block), "--max_steps", str(steps),
+            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
+            "--warmup_steps", str(max(steps // 10, 1)), "--eval_strategy", "no", "--save_strategy", "no",
+            "--logging_steps", str(max(steps // 10, 1)), "--disable_tqdm", "true", "--seed", "0",
+            "--output_dir", str(out), "--overwrite_output", "true", "--report_to", "none"]
+    if not rotate:
+        argv += ["--rotate", "null"]
+    return argv
+
+
+def perplexity(model, eval_ds, collate) -> float:
+    from qat.trainers.run import lm_loss
+
+    return math.exp(lm_loss(model, eval_ds, collate))
+
+
+def ptq_row(model_dir: Path, work: Path, label: str, bits: int, group, act_bits: int, rotate: bool,
+            eval_ds, collate) -> dict:
+    import transformers
+
+    import qat
+    from qat.rotation import rotate_model
+    from qat.trainers.run import load_model
+
+    t0 = time.time()
+    model = load_model(str(model_dir), "causal_lm").eval()
+    if rotate:
+        rotate_model(model)
+    qat.quantize_model(model, qat.QuantConfig(bits=bits, group_size=group, init="rtn", act_bits=act_bits))
+    out = work / f"{label}{'_rot' if rotate else ''}"
+    qat.export_model(model, out, overwrite=True, source_dir=model_dir)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    return {"perplexity": perplexity(reloaded, eval_ds, collate), "wall_s": time.time() - t0}
+
+
+def qat_row(model_dir: Path, block: int, work: Path, rotate: bool, steps: int, batch: int, eval_blocks: int,
+            eval_ds, collate) -> dict:
+    import transformers
+
+    from qat.trainers.recipes import build_arguments
+    from qat.trainers.run import run
+
+    args = build_arguments(job_argv(model_dir, block, work / f"qat_w4a8{'_rot' if rotate else ''}", rotate, steps,
+                                    batch, eval_blocks))
+    t0 = time.time()
+    metrics = run(args)
+    wall = time.time() - t0
+    # Measured like every other row: the export reloaded by transformers, on the same held-out blocks.
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(metrics["export_dir"]).eval()
+    return {"perplexity": perplexity(reloaded, eval_ds, collate), "wall_s": wall,
+            "job_rows": {k: v.get("perplexity") for k, v in metrics["rows"].items()},
+            "train_s": metrics["train_runtime_s"], "export_max_abs_diff": metrics["export_max_abs_diff"],
+            "steps": metrics["steps"]}
+
+
+def main() -> int:
+    import datasets
+    import transformers
+
+    from qat.trainers.data import collator
+    from qat.trainers.recipes import build_arguments
+    from qat.trainers.run import load_model, load_tokenizer
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model_dir", required=True, help="a pretrained folder from causal_lm.py / testbed.py")
+    p.add_argument("--work_dir", default=str(REPO / "outputs" / "act_rotation"))
+    p.add_argument("--eval_blocks", type=int, default=64, help="held-out blocks evaluated")
+    p.add_argument("--qat_steps", type=int, default=60)
+    p.add_argument("--qat_batch", type=int, default=8)
+    p.add_argument("--skip_qat", action="store_true")
+    p.add_argument("--skip_ptq", action="store_true", help="only the float and QAT rows")
+    p.add_argument("--qat_rotated_only", action="store_true", help="only the rotated QAT row")
+    p.add_argument("--json", default=None)
+    ns = p.parse_args()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    t_start = time.time()
+    model_dir, work = Path(ns.model_dir), Path(ns.work_dir)
+    log = json.loads((model_dir / "pretrain_log.json").read_text())
+    block = log["settings"]["block"]
+    tokenizer = load_tokenizer(str(model_dir))
+    args = build_arguments(job_argv(model_dir, block, work / "unused", True, 1, 1, ns.eval_blocks))
+    from qat.trainers.data import load_raw, tokenize
+
+    eval_ds = tokenize(load_raw(args.eval_dataset), tokenizer, args, args.eval_dataset)
+    eval_ds = eval_ds.select(range(min(ns.eval_blocks, len(eval_ds))))
+    collate = collator(tokenizer, "causal_lm")
+    rows = {"float": {"perplexity": perplexity(load_model(str(model_dir), "causal_lm").eval(), eval_ds, collate)}}
+    print(f"float: {rows['float']['perplexity']:.3f} on {len(eval_ds)} blocks of {block}", flush=True)
+    for rotate in (() if ns.skip_ptq else (False, True)):
+        for label, bits, group, act_bits in FORMATS:
+            name = f"{label} RTN{' + rotation' if rotate else ''}"
+            rows[name] = ptq_row(model_dir, work, label, bits, group, act_bits, rotate, eval_ds, collate)
+            print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
+    if not ns.skip_qat:
+        for rotate in ((True,) if ns.qat_rotated_only else (True, False)):
+            name = f"W4A8 QAT{' + rotation' if rotate else ''}"
+            rows[name] = qat_row(model_dir, block, work, rotate, ns.qat_steps, ns.qat_batch, ns.eval_blocks,
+                                 eval_ds, collate)
+            print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
+    result = {"model_dir": str(model_dir), "pretrain_settings": {k: v for k, v in log["settings"].items()
+                                                                 if k != "modules"},
+              "parameters": log.get("parameters"), "pretrain_heldout_perplexity": log.get("heldout_perplexity"),
+              "eval_blocks": len(eval_ds), "block": block, "qat_steps": ns.qat_steps, "qat_batch": ns.qat_batch,
+              "rows": rows, "total_s": time.time() - t_start,
+              "command": "HF_HUB_OFFLINE=1 python scripts/benchmarks/act_rotation.py " + " ".join(sys.argv[1:])}
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
