@@ -213,6 +213,10 @@ class QuantLinear(nn.Module):
             return w.to(self.scale_dtype)
         scale, zero = self.fake_quant_steps()
         lsq = P.lsq_grad_scale(self.group_size, self.spec.bits)
+        if getattr(self, "slice_bits", None) is not None:  # Matryoshka: the top bits of the int8 codes
+            from qat.matryoshka import fake_quantize_slice
+
+            return fake_quantize_slice(w, scale, zero, self.slice_bits, self.group_size, lsq_scale=lsq)
         return P.fake_quantize(w, scale, zero, self.spec.bits, self.group_size, lsq_scale=lsq)
 
     @torch.no_grad()

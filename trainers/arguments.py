@@ -56,6 +56,10 @@ class QATArguments(TrainingArguments):
     step_learning_rate: float | None = field(default=None, metadata={"help": "LR of the steps; default learning_rate"})
     zero_point_learning_rate: float | None = field(default=None, metadata={"help": "default step_learning_rate"})
     fake_quant_start_step: int = field(default=0, metadata={"help": "train unquantized for this many steps first"})
+    matryoshka_widths: list[int] | None = field(default=None, metadata={
+        "help": "Matryoshka (bits 8): train the int8 codes and their top-bit slices jointly, e.g. [8, 4, 2]"})
+    matryoshka_weights: list[float] | None = field(default=None, metadata={
+        "help": "loss weight of each matryoshka_widths entry; default 1 each"})
     # ---------------------------------------------------------------- adapter
     adapter: str = field(default="lora", metadata={"help": "'lora', 'wht' or 'none' (steps only)"})
     adapter_rank: int = field(default=8)
@@ -115,6 +119,9 @@ class QATArguments(TrainingArguments):
         if self.quantized_grads not in (None, "int8", "int4"):
             raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
+        from qat.matryoshka import check_widths
+
+        check_widths(self.matryoshka_widths, self.matryoshka_weights, self.bits, self.storage_bits)
         self.adapter_config()
         if self.deepspeed:  # refuse a config that would upcast the packed codes, before any engine exists
             from qat.trainers.deepspeed_utils import check_deepspeed_config

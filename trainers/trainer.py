@@ -165,6 +165,16 @@ class QATTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.matryoshka_widths:  # one forward per width; the weighted sum of their losses
+            from qat.matryoshka import joint_loss
+
+            loss, outputs, _ = joint_loss(model, self.args.matryoshka_widths, self.args.matryoshka_weights,
+                                          lambda: self.single_width_loss(model, inputs, True))
+            self._stop_if_not_finite(loss)
+            return (loss, outputs) if return_outputs else loss
+        return self.single_width_loss(model, inputs, return_outputs)
+
+    def single_width_loss(self, model, inputs, return_outputs=False):
         args = self.args
         outputs = model(**model_inputs(inputs, args.task))
         task_loss = None if args.task == "embedding" else outputs.loss
