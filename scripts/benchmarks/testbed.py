@@ -8,7 +8,7 @@ decoder's linear layers, and it is pretrained longer, without weight decay, to a
 
 Corpus, split and packing are causal_lm.py's (pydoc_data.topics + standard-library docstrings read with
 ``ast``; every 10th document held out, never seen in pretraining). The model is pretrained ONCE and
-cached under ``<cache_dir>/causal_lm_<fingerprint>``, the fingerprint being a hash of every pretraining
+cached under ``~/.cache/qat/testbed/causal_lm_<fingerprint>``, the fingerprint being a hash of every pretraining
 setting and of the corpus; later runs (and other scripts, through :func:`testbed_model`) reuse it.
 
 The report: held-out perplexity of the float model and of W8 / W4 / W3 / W2 RTN (symmetric, group 32,
@@ -40,7 +40,8 @@ import causal_lm  # noqa: E402
 from causal_lm import block_loss, pack_blocks, pretrained_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE = REPO / "outputs" / "testbed"
+# Shared by every checkout of the project on the machine (override: QAT_TESTBED_CACHE), so it is pretrained once.
+CACHE = Path(os.environ.get("QAT_TESTBED_CACHE", Path.home() / ".cache" / "qat" / "testbed"))
 BYTE_VOCAB = 257  # 256 byte symbols + EOS: the BPE trainer adds no merge
 
 
