@@ -127,6 +127,8 @@ def supported(layer, act: torch.Tensor | None = None) -> bool:
         return False
     if not layer.fake_quant_enabled or not 1 <= int(layer.spec.storage_bits) <= 8:
         return False
+    if getattr(layer, "slice_bits", None) is not None:  # a Matryoshka slice: the reference path computes it
+        return False
     tensors = [layer.base_scale, layer.weight_scale, act]
     adapter = inside_adapter(layer)
     lora = low_rank_factors(adapter) if adapter is not None else None

@@ -177,7 +177,13 @@ def cmd_export(args) -> int:
     src, out = Path(args.checkpoint), Path(args.out)
     try:
         prepare_target(out, args.overwrite, inputs=(src,))
+        if getattr(args, "bits", None) is not None and args.bits not in range(2, 9):
+            raise ValueError(f"--bits {args.bits}: an int8 checkpoint slices to 2 ... 8 bits")
         model = qat.load_quantized(src)
+        if getattr(args, "bits", None) is not None:
+            from qat.matryoshka import slice_model
+
+            slice_model(model, args.bits)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"qat: {err}") from None
     if args.format == "gguf":
@@ -237,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="The GGUF type of the float tensors (embeddings, norms, head): f32 exact, f16 half the bytes.")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the export to this Hub repository.")
     p.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
+    p.add_argument("--bits", type=int, default=None, metavar="R",
+                   help="Matryoshka: export the R-bit slice (2-7) of an int8 checkpoint's codes.")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("inspect", help="per-layer report (bits, group, bytes) of a packed checkpoint")
     p.add_argument("checkpoint", help="A pack-quantized folder (a qat export or another tool's).")

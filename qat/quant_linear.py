@@ -262,6 +262,10 @@ class QuantLinear(nn.Module):
         if self.train_mode == "frozen_codes":  # the codes stay q0; only s (and z) move
             return P.dequantize_frozen_codes(self.base_codes(), scale, zero, self.spec.bits, self.group_size)
         lsq = P.lsq_grad_scale(self.group_size, self.spec.bits)
+        if getattr(self, "slice_bits", None) is not None:  # Matryoshka: the top bits of the int8 codes
+            from qat.matryoshka import fake_quantize_slice
+
+            return fake_quantize_slice(w, scale, zero, self.slice_bits, self.group_size, lsq_scale=lsq)
         return P.fake_quantize(w, scale, zero, self.spec.bits, self.group_size, lsq_scale=lsq)
 
     @torch.no_grad()

@@ -106,6 +106,10 @@ class QATArguments(TrainingArguments):
     keep_best: bool = field(default=True, metadata={"help":
         "Score the dev split at step 0, every keep_best_steps and at the end, and export the best state."})
     keep_best_steps: int = field(default=50, metadata={"help": "Steps between dev scores (0: start and end only)."})
+    matryoshka_widths: list[int] | None = field(default=None, metadata={"help":
+        "Matryoshka (bits 8): train the int8 codes and their top-bit slices jointly, e.g. [8, 4, 2]."})
+    matryoshka_weights: list[float] | None = field(default=None, metadata={"help":
+        "The loss weight of each matryoshka_widths entry; unset means 1 each."})
     # ---------------------------------------------------------------- adapter
     adapter: str = field(default="lora", metadata={"help":
         "The adapter trained with the steps: 'lora', 'wht' (Walsh-Hadamard) or 'none' (steps only)."})
@@ -214,6 +218,9 @@ class QATArguments(TrainingArguments):
         from qat.rotation import check_rotation
 
         check_rotation(self.rotate)
+        from qat.matryoshka import check_widths
+
+        check_widths(self.matryoshka_widths, self.matryoshka_weights, self.bits, self.storage_bits)
         self.adapter_config()
         check_train_mode(self.train_mode, self.quant_config(), self.adapter, self.adapter_placement)
         self.check_exportable()

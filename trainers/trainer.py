@@ -211,6 +211,16 @@ class QATTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.matryoshka_widths:  # one forward per width; the weighted sum of their losses
+            from qat.matryoshka import joint_loss
+
+            loss, outputs, _ = joint_loss(model, self.args.matryoshka_widths, self.args.matryoshka_weights,
+                                          lambda: self.single_width_loss(model, inputs, True))
+            self._stop_if_not_finite(loss)
+            return (loss, outputs) if return_outputs else loss
+        return self.single_width_loss(model, inputs, return_outputs)
+
+    def single_width_loss(self, model, inputs, return_outputs=False):
         args = self.args
         # hidden_mse distils every layer's output: both models return their hidden states.
         extra = {"output_hidden_states": True} if args.distill == "hidden_mse" and self.teacher is not None else {}
