@@ -72,9 +72,9 @@ def quantization_config(model: nn.Module, dequantize: bool = False) -> dict:
                 "strategy": "channel" if group_size is None else "group",
                 "group_size": group_size,
                 "dynamic": False,
-                "actorder": None,
+                "actorder": _actorder(model, init),
                 # What set the steps before training: MSE search, or absmax (compressed-tensors' minmax).
-                "observer": OBSERVERS[init],
+                "observer": _observer(model, init),
                 "scale_dtype": scale_dtype,  # the dtype weight_scale is saved in ("torch.float32", ...)
             },
             "input_activations": json.loads(act) if act else None,  # W8A8 / W4A8: qat.act_quant
@@ -112,6 +112,19 @@ def _act_formats(config: dict) -> set:
 
 
 OBSERVERS = {"mse": "mse", "rtn": "minmax"}  # qat's step init -> compressed-tensors observer name
+
+
+def _observer(model: nn.Module, init: str) -> str:
+    """GPTQ layers name the search that set their steps (``gptq_step_init``), as llm-compressor does."""
+    if init == "gptq":
+        init = getattr(getattr(model, "qat_config", None), "gptq_step_init", "mse")
+    return OBSERVERS[init]
+
+
+def _actorder(model: nn.Module, init: str) -> str | None:
+    """"static" for GPTQ solved in activation order with contiguous groups (no g_idx to save)."""
+    config = getattr(model, "qat_config", None)
+    return "static" if init == "gptq" and getattr(config, "gptq_act_order", False) else None
 
 
 def _compressed_tensors_version() -> str:

@@ -117,18 +117,22 @@ def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
 
 class QATTrainer(Trainer):
     args_class = QATArguments  # what plain TrainingArguments are turned into (TRL: QATSFTConfig)
+    # False only for benchmarks that train other tools' models (QLoRA, torchao) with qat's loss:
+    # no QuantLinear there, and their peft adapters are what trains.
+    checks_qat_model = True
 
     def __init__(self, model=None, args=None, teacher: torch.nn.Module | None = None, recipe: dict | None = None,
                  dev_dataset=None, **kwargs):
         if model is None:
             raise ValueError("QATTrainer needs model= (a model prepared by qat.get_qat_model or qat.quantize_model)")
-        if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        if self.checks_qat_model and not any(isinstance(m, QuantLinear) for m in model.modules()):
             raise ValueError("the model has no quantized layers: prepare it with qat.get_qat_model(model, lora_config, "
                              "bits=4, group_size=32) (or give QATSFTTrainer peft_config=)")
         args = as_qat_arguments(args, model, self.args_class)
         teacher = resolve_teacher(model, teacher, args)  # before anything is frozen or moved
         asked = set(bias_and_norm_names(model, args.train_biases, args.train_norms))  # the recipe trains these
-        check_trainable(model, lambda name: "recipe" if name in asked else parameter_role(name))
+        if self.checks_qat_model:
+            check_trainable(model, lambda name: "recipe" if name in asked else parameter_role(name))
         parameter_groups(model, args)  # "nothing to train" now, not at the first step
         super().__init__(model=model, args=args, **kwargs)
         # Our losses are per-token / per-example means: let training_step divide by the accumulation steps.

@@ -149,7 +149,10 @@ class Bench:
         from qat.trainers.trainer import QATTrainer
 
         args = build_args(self.a, bits, self.workdir / "baseline-train", {"adapter": "none", **setting})
-        trainer = QATTrainer(model=model, args=args, teacher=self.fresh_float(), train_dataset=self.train_ds,
+        class BaselineTrainer(QATTrainer):  # qat's loss and schedule on another tool's model
+            checks_qat_model = False
+
+        trainer = BaselineTrainer(model=model, args=args, teacher=self.fresh_float(), train_dataset=self.train_ds,
                              data_collator=collator(self.tokenizer, "embedding"), processing_class=self.tokenizer)
         return trainer.train()
 

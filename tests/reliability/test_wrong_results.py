@@ -78,13 +78,20 @@ def test_a_blow_up_without_nan_exits_non_zero_unless_allowed(tiny_bert, tmp_path
             "--learning_rate", "1000", "--step_learning_rate", "1000", "--max_eval_samples", "16",
             "--per_device_train_batch_size", "8", "--save_steps", "1", "--logging_steps", "1", "--warmup_steps", "0",
             "--disable_tqdm", "true", "--verify_export", "false", "--max_length", "32"]
-    code, err = run_in_process([*argv, "--output_dir", str(tmp_path / "a")], capsys)
+    # keep_best (on by default) would export the step-0 state and hide the blow-up: this guards runs without it.
+    code, err = run_in_process([*argv, "--keep_best", "false", "--output_dir", str(tmp_path / "a")], capsys)
     assert code == 1
     one_line_error(err, "the trained model is worse than post-training quantization (cosine")
     rows = json.loads((tmp_path / "a" / "metrics.json").read_text())["rows"]
     assert rows["qat"]["cosine"] < rows["post-training"]["cosine"] - 0.1  # the blow-up is real, not noise
-    code, err = run_in_process([*argv, "--output_dir", str(tmp_path / "b"), "--allow_worse_than_ptq", "true"], capsys)
+    code, err = run_in_process([*argv, "--keep_best", "false", "--output_dir", str(tmp_path / "b"),
+                                "--allow_worse_than_ptq", "true"], capsys)
     assert code == 0, err
+    # With keep_best the same run exports its best dev state (step 0 here) and is no worse than post-training.
+    code, err = run_in_process([*argv, "--output_dir", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "c" / "metrics.json").read_text())["rows"]
+    assert rows["qat"]["cosine"] >= rows["post-training"]["cosine"] - 1e-3  # eval-split noise between dev and eval
 
 
 def test_worse_than_post_training_tolerates_noise_only():
