@@ -434,6 +434,10 @@ def worse_than_post_training(rows: dict) -> str | None:
 def run(args: QATArguments) -> dict:
     export_dir = check_paths(args)
     check_max_length(args)
+    # Every rank checks the paths before the main one takes the lock and writes into output_dir:
+    # otherwise another rank could find the folder locked (or busy) by its own run and refuse it.
+    if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     with run_lock(args):
         clean_partial_checkpoints(Path(args.output_dir))
         metrics = _run(args, export_dir)

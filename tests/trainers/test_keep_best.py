@@ -43,15 +43,15 @@ def dev_distance(model, teacher, dev) -> float:
     return float((1 - F.cosine_similarity(pool(model), pool(teacher), dim=-1)).mean())
 
 
-def _train(tmp_path, keep_best, lr, steps=12, bits=2):
-    args = QATArguments(output_dir=str(tmp_path), task="embedding", distill="cosine", adapter="lora", adapter_rank=4,
+def _train(tmp_path, keep_best, lr, steps=12, bits=2, **extra):
+    args = QATArguments(**extra, output_dir=str(tmp_path), task="embedding", distill="cosine", adapter="lora", adapter_rank=4,
                         bits=bits, group_size=32, learning_rate=lr, step_learning_rate=lr, lr_scheduler_type="constant",
                         max_steps=steps, per_device_train_batch_size=8, keep_best=keep_best, keep_best_steps=4,
                         save_steps=1000, logging_steps=4, report_to="none", seed=0, disable_tqdm=True,
                         dataloader_pin_memory=False)
     model = tiny_bert()
     teacher = copy.deepcopy(model)
-    prepare_model(args, model, None)
+    prepare_model(args, model, _data(64, seed=0) if args.quant_init == "gptq" else None)
     dev = _data(24, seed=1)
     start = dev_distance(model, teacher, dev)
     trainer = QATTrainer(model=model, args=args, teacher=teacher, train_dataset=_data(64, seed=0), dev_dataset=dev,
@@ -80,3 +80,13 @@ def test_a_good_learning_rate_keeps_a_later_better_state(tmp_path):
     # the callback's own score (fp32 cosines, each 1 - cos good to ~1e-7 near 1) agrees with this
     # float64 recomputation of the kept state
     assert kb["best_dev_score"] == pytest.approx(end, abs=1e-6)
+
+
+def test_default_recipe_from_a_gptq_init_ends_no_worse_than_the_init(tmp_path):
+    # Issue 14: inside LoRA under fake_quant re-rounds the GPTQ codes every step, which used to
+    # undo the error compensation; keep_best must hand back a dev score at least as good as step 0.
+    kw = dict(quant_init="gptq", gptq_act_order=True, calibration_samples=32)
+    start, end, trainer = _train(tmp_path, keep_best=True, lr=0.3, **kw)
+    assert end <= start + 1e-9  # the same weights or better: float64 recomputation, no tolerance needed
+    _, end_off, _ = _train(tmp_path / "off", keep_best=False, lr=0.3, **kw)
+    assert end_off > start  # the planted harm (lr 0.3) is real from a GPTQ start too
