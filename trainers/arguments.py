@@ -147,6 +147,10 @@ class QATArguments(TrainingArguments):
     distill_weight: float | None = field(default=None, metadata={"help":
         "The weight w in loss = (1 - w) task + w distill; unset means 0.5 when there are labels, 1 for embedding."})
     distill_temperature: float = field(default=1.0, metadata={"help": "The softmax temperature of the 'kl' loss."})
+    disable_dropout: bool = field(default=True, metadata={"help":
+        "Turn the model's dropout off while training (every nn.Dropout to p=0, as TRL's disable_dropout does): "
+        "the frozen base already regularises, and against a deterministic float teacher dropout noise is most "
+        "of the distillation loss. false keeps the model's dropout; its config.json is unchanged either way."})
     # ---------------------------------------------------------------- zeroth-order (optim: zo)
     zo_eps: float = field(default=1e-3, metadata={"help": "With optim zo: the size of the SPSA perturbation."})
     zo_targets: str = field(default="adapters", metadata={"help":

@@ -115,6 +115,13 @@ def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
     return groups
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """p = 0 on every nn.Dropout (attention modules that read ``self.dropout.p`` follow)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 class QATTrainer(Trainer):
     args_class = QATArguments  # what plain TrainingArguments are turned into (TRL: QATSFTConfig)
     # False only for benchmarks that train other tools' models (QLoRA, torchao) with qat's loss:
@@ -134,6 +141,8 @@ class QATTrainer(Trainer):
         if self.checks_qat_model:
             check_trainable(model, lambda name: "recipe" if name in asked else parameter_role(name))
         parameter_groups(model, args)  # "nothing to train" now, not at the first step
+        if args.disable_dropout:
+            disable_dropout(model)
         super().__init__(model=model, args=args, **kwargs)
         # Our losses are per-token / per-example means: let training_step divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
