@@ -51,7 +51,10 @@ ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*"  # the encoder's linears; the unu
 # more entry here (or --recipe NAME=JSON); its family (pure / float adapters) is read from its recipe.
 QAT_RECIPES = {
     "qat_default": {},
-    "qat_lora_outside": {"adapter_placement": "outside", "adapter_init": "loftq_act"},
+    # the pre-GPTQ default's adapter and learning rates, with the LoRA outside the quantizer
+    "qat_lora_outside": {"adapter": "lora", "adapter_rank": 8, "adapter_alpha": 16, "adapter_placement": "outside",
+                         "adapter_init": "loftq_act", "train_mode": "fake_quant", "quant_init": "mse",
+                         "learning_rate": 1e-3, "step_learning_rate": 1e-4},
 }
 # The tuning grids: the first --budget entries of each are tried on dev. Trained rows scale their
 # learning rates by LR_FACTORS; GPTQ tries dampening fractions; RTN has nothing to tune.
@@ -164,7 +167,8 @@ def qat_method(name: str, overrides: dict, a) -> Method:
     lr = overrides.get("learning_rate", DEFAULT_RECIPE["learning_rate"])
     step_lr = overrides.get("step_learning_rate", DEFAULT_RECIPE["step_learning_rate"])
     grid = tuple({"learning_rate": lr * f, "step_learning_rate": step_lr * f} for f in LR_FACTORS)
-    outside = overrides.get("adapter", "lora") != "none" and overrides.get("adapter_placement") == "outside"
+    recipe = {**DEFAULT_RECIPE, **overrides}
+    outside = recipe.get("adapter", "none") != "none" and recipe.get("adapter_placement") == "outside"
 
     def build(bench, bits, setting, out):
         from qat.trainers.run import reload_export, run
@@ -177,10 +181,34 @@ def qat_method(name: str, overrides: dict, a) -> Method:
     return Method(name, "float adapters" if outside else "pure", grid, build)
 
 
+def qat_gptq_method() -> Method:
+    """qat's GPTQ init alone (activation order, static groups), no training: `qat quantize --init gptq
+    --act-order` on the same calibration sentences as llm-compressor's GPTQ, the same dampening grid."""
+    def build(bench, bits, setting, out):
+        import torch
+        from transformers import AutoModel
+
+        import qat
+        from qat.cli import calibration_batches
+        from qat.config import QuantConfig
+
+        model = bench.fresh_float()
+        config = QuantConfig(bits=bits, group_size=32, init="gptq", gptq_act_order=True,
+                             gptq_damp=setting["dampening"], include=[ENCODER_LINEARS])
+        batches = calibration_batches(bench.path, bench.calibration, bench.args.max_length)
+        qat.quantize_model(model, config, calibration=batches)
+        shutil.rmtree(out, ignore_errors=True)
+        qat.export_model(model, out, source_dir=bench.path)
+        return lambda: AutoModel.from_pretrained(str(out), dtype=torch.float32).eval(), out
+
+    return Method("qat_gptq", "pure", tuple({"dampening": d} for d in GPTQ_DAMPENING), build)
+
+
 def methods(a) -> dict[str, Method]:
     lr_grid = tuple({"learning_rate": BASELINE_LR * f} for f in LR_FACTORS)
     out = {name: qat_method(name, overrides, a) for name, overrides in {**QAT_RECIPES, **a.recipe}.items()}
     out.update({
+        "qat_gptq": qat_gptq_method(),
         "llmc_gptq": Method("llmc_gptq", "pure", tuple({"dampening": d} for d in GPTQ_DAMPENING),
                             lambda b, bits, s, o: llmc_model(b, bits, "gptq", s, o)),
         "llmc_rtn": Method("llmc_rtn", "pure", ({},), lambda b, bits, s, o: llmc_model(b, bits, "rtn", s, o)),
@@ -279,7 +307,7 @@ def parse(argv):
         a.recipe = {k: json.loads(v) for k, v in (r.split("=", 1) for r in a.recipe)}
     except ValueError:
         p.error("--recipe takes NAME=JSON, e.g. --recipe qat_gptq='{\"quant_init\": \"gptq\"}'")
-    known = list(QAT_RECIPES) + list(a.recipe) + ["llmc_gptq", "llmc_rtn", "qlora_nf4", "torchao"]
+    known = list(QAT_RECIPES) + list(a.recipe) + ["qat_gptq", "llmc_gptq", "llmc_rtn", "qlora_nf4", "torchao"]
     a.methods = a.methods or known
     if unknown := [m for m in a.methods if m not in known]:
         p.error(f"unknown method(s) {unknown}: choose from {known} or add one with --recipe NAME=JSON")

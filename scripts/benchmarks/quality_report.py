@@ -4,8 +4,19 @@ and its out-of-domain test scores."""
 
 from __future__ import annotations
 
+def default_recipe_label() -> str:
+    """What `qat train` runs, in words, read from DEFAULT_RECIPE (so the label follows the default)."""
+    from qat.trainers.recipes import DEFAULT_RECIPE as R
+
+    init = R.get("quant_init", "mse") + (" act-order" if R.get("gptq_act_order") else "")
+    adapter = "no adapter" if R.get("adapter") == "none" else f"{R.get('adapter_placement', 'inside')} {R['adapter']}"
+    return (f"qat default recipe (`qat train`: {init} init, {R.get('train_mode', 'fake_quant')}, {adapter}, "
+            f"{R.get('distill')} distillation)")
+
+
 LABELS = {
-    "qat_default": "qat default recipe (`qat train`: inside LoRA, MSE steps)",
+    "qat_default": default_recipe_label(),
+    "qat_gptq": "qat GPTQ init alone (`qat quantize --init gptq --act-order`), no training",
     "qat_lora_outside": "qat LoRA outside (act-LoftQ init)",
     "llmc_gptq": "llm-compressor GPTQ", "llmc_rtn": "llm-compressor RTN",
     "qlora_nf4": "peft + bitsandbytes QLoRA, merged to NF4", "torchao": "torchao QAT + peft LoRA, converted",
@@ -52,8 +63,8 @@ def report(results: dict, splits: dict, a, total_seconds: float, machine: str, c
              f"dev {splits['dev']['sentences']} (sha {splits['dev']['sha256']}, other source modules; "
              f"{splits['dev_scored']} scored), out-of-domain test: {splits['test']['sentences']} sentences of the "
              f"operating system's licence / copyright text (seed {a.seed}), read once after all tuning. "
-             f"Every trained row: {a.steps} steps of {a.batch} train sentences, cosine distillation from the float "
-             f"model; calibration: {splits['calibration']} train sentences. Tuning budget: each method tries the "
+             f"Every trained row: {a.steps} steps of {a.batch} train sentences, its recipe's distillation loss from the "
+             f"float model; calibration: {splits['calibration']} train sentences. Tuning budget: each method tries the "
              f"first {a.budget} setting(s) of its grid (learning-rate factors for trained rows, dampening for "
              "GPTQ; RTN has none) and keeps the best dev cosine. Scores: mean cosine / nearest-neighbour "
              "agreement with the float model's mean-pooled embeddings. 'seconds': every tried setting "

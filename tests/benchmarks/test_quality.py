@@ -93,7 +93,8 @@ def test_test_scores_are_the_reloaded_exports(run):
         export_dir = Path(row["export_dir"])
         assert (export_dir / "config.json").exists()
         placement = "outside" if name == "qat_lora_outside" else "inside"
-        args = build_arguments(["--model_name_or_path", bench.path, "--adapter_placement", placement,
+        adapter = ["--adapter", "lora"] if placement == "outside" else []  # the default recipe has none
+        args = build_arguments(["--model_name_or_path", bench.path, "--adapter_placement", placement, *adapter,
                                 "--output_dir", str(export_dir.parent)])
         with torch.no_grad():
             again = embedding_agreement(float_emb, bench.embed(reload_export(args, export_dir), texts))
@@ -137,4 +138,7 @@ def test_added_recipe_is_a_row_with_its_family():
     table = script.methods(a)
     assert "qat_wht_outside" in a.methods and table["qat_wht_outside"].family == "float adapters"
     assert table["qat_steps"].family == "pure"  # no adapter: nothing float beside the base
-    assert table["qat_default"].grid[0] == {"learning_rate": 1e-3, "step_learning_rate": 1e-4}
+    from qat.trainers.recipes import DEFAULT_RECIPE
+
+    lrs = {k: DEFAULT_RECIPE[k] for k in ("learning_rate", "step_learning_rate")}
+    assert table["qat_default"].grid[0] == lrs  # the first setting tried is the default's own
