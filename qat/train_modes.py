@@ -25,7 +25,8 @@ def check_train_mode(mode: str, config: QuantConfig, adapter: str, placement: st
         return
     if adapter != "none" and placement == "inside":
         raise ValueError("train_mode 'frozen_codes' keeps the base codes fixed, so an inside adapter could not "
-                         "change them: set adapter: none (or adapter_placement: outside)")
+                         "change them: set adapter: none (or adapter_placement: outside), or train_mode: fake_quant "
+                         "to train an inside adapter (the default recipe's train_mode is frozen_codes)")
     specs = [("the recipe", config.default_spec())]
     specs += [(f"override {p!r}", config.spec_for(p, _pattern=p)) for p in config.overrides]
     for where, spec in specs:

@@ -96,7 +96,7 @@ def job_argv(folder, run_name: str, per_device: int) -> list[str]:
     """
     values = {"model_name_or_path": f"{folder}/model", "dataset": f"{folder}/data.txt", "task": "causal_lm",
               "distill": "none", "warmup_steps": 0, "max_length": 32, "bits": 4, "group_size": 32,
-              "adapter": "lora", "adapter_rank": 4,
+              "adapter": "lora", "adapter_rank": 4, "train_mode": "fake_quant", "quant_init": "mse",
               "learning_rate": LR, "lr_scheduler_type": "constant", "max_steps": JOB_STEPS,
               "save_steps": JOB_STEPS, "per_device_train_batch_size": per_device,
               "train_sampling_strategy": "sequential", "eval_strategy": "no", "max_eval_samples": 8,

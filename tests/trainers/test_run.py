@@ -88,7 +88,9 @@ def test_an_existing_run_is_never_overwritten(llama_dir, tmp_path):
 def test_default_main_job_beats_post_training(minilm_path, tmp_path, capsys):
     # The real default recipe, cut to a few steps so CI stays fast (the full job: README / note).
     out = tmp_path / "minilm"
-    argv = ["--output_dir", str(out), "--max_steps", "8", "--max_eval_samples", "48",
+    # GPTQ calibrated on 32 sentences (not 256) and no warm-up: the default's shape in CI's time.
+    argv = ["--output_dir", str(out), "--max_steps", "16", "--max_eval_samples", "48", "--calibration_samples", "32",
+            "--warmup_steps", "0", "--keep_best_steps", "4",
             "--per_device_train_batch_size", "16", "--save_steps", "4", "--logging_steps", "4",
             "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
     assert main(argv) == 0
@@ -117,8 +119,8 @@ def test_default_main_job_beats_post_training(minilm_path, tmp_path, capsys):
     assert "| qat |" in printed and str(out / "export") in printed
     assert (out / "loss.png").stat().st_size > 0
     cfg = yaml.safe_load(json.dumps(metrics["recipe"]))
-    assert cfg["bits"] == 4 and cfg["adapter_placement"] == "inside"
-    assert torch.load(out / "checkpoint-8" / "training_args.bin", weights_only=False).max_steps == 8
+    assert cfg["bits"] == 4 and cfg["quant_init"] == "gptq" and cfg["train_mode"] == "frozen_codes"
+    assert torch.load(out / "checkpoint-16" / "training_args.bin", weights_only=False).max_steps == 16
 
 
 def test_data_parallel_run_with_torchrun(llama_dir, tmp_path):
