@@ -239,8 +239,8 @@ def help_text() -> str:
 
     lines = ["usage: qat train [--config RECIPE.yaml] [--KEY VALUE ...]", "",
              "Quantization-aware training of a Hugging Face model: quantize, attach adapters, train, export packed.",
-             "With no arguments: the default recipe (all-MiniLM-L6-v2, W4 g32, inside LoRA, distilled from its",
-             "float self on pydoc_data text), written under ./outputs/minilm-w4-lora/.", "",
+             "With no arguments: the default recipe (all-MiniLM-L6-v2, W4 g32, GPTQ codes kept frozen, steps",
+             "distilled from its float self on qat's Python corpus), written under ./outputs/minilm-w4-gptq/.", "",
              "A KEY is set in the YAML recipe or as --KEY VALUE (VALUE read as YAML: 3, true, '[q_proj, v_proj]').",
              "", "Terms:"]
     for term, meaning in TERMS:
