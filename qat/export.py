@@ -45,6 +45,20 @@ def _name_target(name: str) -> str:
     return "re:(?:.*\\.)?" + re.escape(name) + "$"
 
 
+PACKED, INT8 = "pack-quantized", "int-quantized"
+
+
+def weight_format(layer: QuantLinear) -> str:
+    """The compressed-tensors format a layer is written in.
+
+    int8 weights with quantized activations (W8A8) go as ``int-quantized`` (``weight`` int8 [out, in]):
+    that is the format vLLM serves with its int8 x int8 kernels (CompressedTensorsW8A8Int8, CPU
+    included), where a ``pack-quantized`` W8A8 is taken as weight-only (vLLM CPU 0.32 then refuses
+    uint8b128). Everything else is ``pack-quantized`` (int32 words).
+    """
+    return INT8 if layer.spec.export_bits == 8 and getattr(layer, "act_quant", None) is not None else PACKED
+
+
 def quantization_config(model: nn.Module, dequantize: bool = False) -> dict:
     """The ``quantization_config`` block of config.json: one config group per distinct format.
 
@@ -57,12 +71,12 @@ def quantization_config(model: nn.Module, dequantize: bool = False) -> dict:
     for name, layer in layers:
         spec = layer.spec
         key = (spec.export_bits, None if spec.group_size is None else layer.group_size, spec.symmetric,
-               spec.init, str(layer.scale_dtype), _act_key(layer))
+               spec.init, str(layer.scale_dtype), _act_key(layer), weight_format(layer))
         groups.setdefault(key, []).append(name)
     quantized = {n for n, _ in layers}
     ignore = [n for n, _ in linear_layers(model) if n not in quantized]
     config_groups = {}
-    for i, ((bits, group_size, symmetric, init, scale_dtype, act), names) in enumerate(sorted(groups.items(), key=str)):
+    for i, ((bits, group_size, symmetric, init, scale_dtype, act, fmt), names) in enumerate(sorted(groups.items(), key=str)):
         config_groups[f"group_{i}"] = {
             "targets": ["Linear"] if len(groups) == 1 else [_name_target(n) for n in names],
             "weights": {
@@ -79,12 +93,13 @@ def quantization_config(model: nn.Module, dequantize: bool = False) -> dict:
             },
             "input_activations": json.loads(act) if act else None,  # W8A8 / W4A8: qat.act_quant
             "output_activations": None,
-            "format": "pack-quantized",
+            "format": fmt,
         }
+    formats = {g["format"] for g in config_groups.values()}
     config = {
         "quant_method": "compressed-tensors",
         "version": _compressed_tensors_version(),
-        "format": "pack-quantized",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": ignore,
@@ -183,6 +198,8 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 def layer_export_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
     """One (whole, unsharded) layer's export tensors: packed codes, steps, shape, zero points, bias."""
     codes, scale, zero = layer.export_codes()
+    if weight_format(layer) == INT8:
+        return _int8_export_tensors(name, layer, codes, scale, zero)
     bits = layer.spec.export_bits
     out = {
         f"{name}.weight_packed": dispatch.pack_int32(codes, bits),  # Triton on CUDA, same bits
@@ -191,6 +208,18 @@ def layer_export_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tenso
     }
     if zero is not None:
         out[f"{name}.weight_zero_point"] = dispatch.pack_int32(zero, bits, dim=0)
+    if layer.bias is not None:
+        out[f"{name}.bias"] = layer.bias.detach().contiguous()
+    out.update(act_export_tensors(name, layer))
+    return out
+
+
+def _int8_export_tensors(name: str, layer: QuantLinear, codes, scale, zero) -> dict[str, torch.Tensor]:
+    """``int-quantized``: the signed int8 codes as ``weight`` [out, in], steps and (asymmetric) int8 zero
+    points unpacked, shaped like the steps."""
+    out = {f"{name}.weight": codes.to(torch.int8).contiguous(), f"{name}.weight_scale": scale.contiguous()}
+    if zero is not None:
+        out[f"{name}.weight_zero_point"] = zero.round().to(torch.int8).reshape(scale.shape).contiguous()
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach().contiguous()
     out.update(act_export_tensors(name, layer))

@@ -35,6 +35,10 @@ def _read_json(path: Path, what: str) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err}): the checkpoint is corrupt; re-export it") from None
 
 
+# int-quantized: qat's W8A8 layers (qat.export.weight_format); mixed-precision: a model with both
+READABLE_FORMATS = ("pack-quantized", "int-quantized", "mixed-precision")
+
+
 def _quant_config(folder: Path) -> dict:
     config = _read_json(folder / "config.json", "config.json missing")
     qc = config.get("quantization_config")
@@ -44,10 +48,10 @@ def _quant_config(folder: Path) -> dict:
             f"{folder} is not a compressed-tensors checkpoint (quantization method: {method}); "
             "for a float model use AutoModel.from_pretrained and qat.quantize_model instead"
         )
-    if qc.get("format") != "pack-quantized":
+    if qc.get("format") not in READABLE_FORMATS:
         raise ValueError(
-            f"{folder} uses compressed-tensors format {qc.get('format')!r}; qat reads 'pack-quantized' "
-            "integer weights only: re-export it with format pack-quantized"
+            f"{folder} uses compressed-tensors format {qc.get('format')!r}; qat reads 'pack-quantized' and "
+            "'int-quantized' integer weights only: re-export it in one of those formats"
         )
     return qc
 
@@ -109,8 +113,21 @@ def _attach_act_quant(layer: QuantLinear, name: str, args: dict | None, t: dict)
         layer.act_quant.initialized.fill_(True)
 
 
+def _int8_codes(name, t, args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An int-quantized layer's codes [out, in] and (asymmetric) zero points, as stored."""
+    weight = t[f"{name}.weight"]
+    if weight.dtype != torch.int8 or int(args["num_bits"]) != 8:
+        raise ValueError(f"{name}.weight is {weight.dtype} for {args['num_bits']}-bit int-quantized codes "
+                         "(int8 expected): the checkpoint is corrupt")
+    zero = None if args.get("symmetric", True) else t[f"{name}.weight_zero_point"].float()
+    return weight.to(torch.int32), zero
+
+
 def _layer_from_tensors(name, t, args, recorded, dtype) -> QuantLinear:
     bits = int(args["num_bits"])
+    if f"{name}.weight_packed" not in t:
+        codes, zero = _int8_codes(name, t, args)
+        return _build_layer(name, t, args, recorded, dtype, codes, zero)
     out_features, in_features = (int(v) for v in t[f"{name}.weight_shape"].tolist())
     packed = t[f"{name}.weight_packed"]
     if tuple(packed.shape) != (out_features, packed_width(in_features, bits)):
@@ -119,16 +136,29 @@ def _layer_from_tensors(name, t, args, recorded, dtype) -> QuantLinear:
             f"{(out_features, packed_width(in_features, bits))} for {bits}-bit codes: the checkpoint is corrupt"
         )
     codes = unpack_int32(packed, bits, in_features)
-    scale = t[f"{name}.weight_scale"]
     zero = None
     if not args.get("symmetric", True):
         zero = unpack_int32(t[f"{name}.weight_zero_point"], bits, out_features, dim=0).float()
+    return _build_layer(name, t, args, recorded, dtype, codes, zero)
+
+
+def _build_layer(name, t, args, recorded, dtype, codes, zero) -> QuantLinear:
+    bits = int(args["num_bits"])
+    scale = t[f"{name}.weight_scale"]
     train_bits = recorded.get("bits", bits)  # qat records ternary (1.58) exported as int2
     group = args.get("group_size") if args.get("strategy") == "group" else None
     spec = LayerSpec(bits=train_bits, group_size=group, symmetric=args.get("symmetric", True),
                      storage_bits=bits, init="rtn")
     return QuantLinear.from_codes(codes, scale, zero, spec, bias=t.get(f"{name}.bias"),
                                   dtype=dtype or scale.dtype, name=name)
+
+
+def _quantized_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Modules with packed codes (``weight_packed``) or int8 codes (int-quantized ``weight`` + ``weight_scale``)."""
+    packed = {k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")}
+    int8 = {k[: -len(".weight")] for k, v in tensors.items()
+            if k.endswith(".weight") and v.dtype == torch.int8 and k[: -len("weight")] + "weight_scale" in tensors}
+    return sorted(packed | int8)
 
 
 def load_quantized(path: str | Path, model_class=None, dtype: torch.dtype | None = None):
@@ -155,9 +185,10 @@ def load_quantized(path: str | Path, model_class=None, dtype: torch.dtype | None
     model = build(config)
     if dtype is not None:
         model.to(dtype)
-    names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+    names = _quantized_names(tensors)
     if not names:
-        raise ValueError(f"{folder} holds no weight_packed tensors: the checkpoint is truncated or not pack-quantized")
+        raise ValueError(f"{folder} holds no weight_packed or int8 weight tensors: the checkpoint is truncated "
+                         "or not quantized")
     for name in names:
         args = _weight_args_for(name, qc)
         layer = _layer_from_tensors(name, tensors, args, recorded_layers.get(name, {}), dtype)

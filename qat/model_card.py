@@ -16,7 +16,7 @@ def bits_per_weight(layers, state: dict[str, torch.Tensor]) -> float:
     n_weights, n_bytes = 0, 0
     for name, layer in layers:
         n_weights += layer.in_features * layer.out_features
-        for suffix in ("weight_packed", "weight_scale", "weight_zero_point"):
+        for suffix in ("weight_packed", "weight", "weight_scale", "weight_zero_point"):  # weight: int-quantized
             t = state.get(f"{name}.{suffix}")
             if t is not None:
                 n_bytes += t.numel() * t.element_size()
@@ -24,8 +24,10 @@ def bits_per_weight(layers, state: dict[str, torch.Tensor]) -> float:
 
 
 def _format_tags(layers) -> list[str]:
+    from qat.export import weight_format  # qat.export imports this module
+
     bits = sorted({layer.spec.bits for _, layer in layers}, key=float)
-    tags = ["qat", "quantized", "compressed-tensors", "pack-quantized"]
+    tags = ["qat", "quantized", "compressed-tensors"] + sorted({weight_format(layer) for _, layer in layers})
     tags += ["ternary" if b == 1.58 else f"int{b}" for b in bits]
     return tags
 

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -139,6 +140,13 @@ def test_w8a8_dynamic_export_reloads_within_the_rounding_bound(tmp_path):
     qat.export_model(model, tmp_path / "w8a8")
     config = json.loads((tmp_path / "w8a8" / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()
+    # W8A8 is written int-quantized (int8 `weight`), the format vLLM serves with its int8 x int8 kernels;
+    # pack-quantized W8A8 is taken as weight-only there (and refused by vLLM CPU).
+    assert config["format"] == group["format"] == "int-quantized"
+    saved = safetensors.torch.load_file(str(tmp_path / "w8a8" / "model.safetensors"))
+    for name, layer in qat.quant_layers(model):
+        assert saved[f"{name}.weight"].dtype == torch.int8 and f"{name}.weight_packed" not in saved
+        assert torch.equal(saved[f"{name}.weight"].int(), layer.export_codes()[0].int())
     assert group["input_activations"] | {"observer": None} == {
         "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
         "group_size": None, "actorder": None, "observer": None}
@@ -203,3 +211,24 @@ def test_init_static_steps_calibrates_on_the_batch_it_is_given():
     name, layer = qat.quant_layers(model)[0]  # the first layer's input does not depend on earlier rounding
     assert float(layer.act_quant.scale) == pytest.approx(float(inputs[name].abs().max()) / QP, rel=1e-6)
     assert init_static_steps(model, {"input_ids": train * 0}) == 0  # set once: later batches train it
+
+
+def test_w8a8_beside_w4a8_layers_exports_mixed_precision_and_reloads(tmp_path):
+    """int8 layers with quantized activations go int-quantized, the 4-bit ones stay pack-quantized;
+    the config says mixed-precision and both transformers and qat's loader read every layer."""
+    model = tiny_llama()
+    qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=16, init="rtn", act_bits=8,
+                                              overrides={"down_proj": {"bits": 8, "group_size": None}}))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    qat.export_model(model, tmp_path / "mixed")
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mixed-precision"
+    assert sorted(g["format"] for g in config["config_groups"].values()) == ["int-quantized", "pack-quantized"]
+    ours = qat.load_quantized(tmp_path / "mixed")
+    assert [type(m.act_quant).__name__ for _, m in qat.quant_layers(ours)] == \
+        [type(m.act_quant).__name__ for _, m in qat.quant_layers(model)]
+    with torch.no_grad():  # same codes, steps and dynamic quantizers: only fp32 op order can differ
+        torch.testing.assert_close(ours(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mixed").eval()
+        with compressed_tensors_steps(model):  # transformers runs compressed-tensors' step convention
+            torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

@@ -122,9 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_blocks", type=int, default=None, help="held-out blocks evaluated (default all)")
     parser.add_argument("--pretrain_steps", type=int, default=None, help="override (changes the fingerprint)")
     parser.add_argument("--hidden", type=int, default=None, help="override (changes the fingerprint)")
+    parser.add_argument("--intermediate", type=int, default=None, help="override (changes the fingerprint)")
+    parser.add_argument("--pretrain_lr", type=float, default=None, help="override (changes the fingerprint)")
     parser.add_argument("--json", default=None, help="also write the result here")
     ns = parser.parse_args(argv)
-    changes = {k: getattr(ns, k) for k in ("pretrain_steps", "hidden") if getattr(ns, k) is not None}
+    changes = {k: getattr(ns, k) for k in ("pretrain_steps", "hidden", "intermediate", "pretrain_lr") if getattr(ns, k) is not None}
     result = run(settings(**changes), Path(ns.cache_dir), Path(ns.work_dir), ns.max_blocks)
     if ns.json:
         Path(ns.json).write_text(json.dumps(result, indent=2, default=list) + "\n")

@@ -10,7 +10,10 @@
 2. A tiny Llama (scripts/serving/tiny_lm.py, hidden 256) QAT-trained at W4 g32 with fp16 steps,
    exported; vLLM decodes greedily from prompt token ids with logprobs (fp16) and the tokens and
    logprobs are compared with transformers' reload (fp32).
-3. W8 of the same Llama is offered to vLLM too, to record what it says.
+3. W8 of the same Llama is offered to vLLM too, to record what it says; and the activation formats:
+   W8A8 (int8 per-channel weights, written int-quantized, int8 dynamic per-token activations) and
+   W4A8 (pack-quantized W4 g32 with the same activations), compared with transformers' reload,
+   which quantizes the activations.
 
 vLLM runs in its own venv through ``--runner`` (vllm + numpy only). vLLM CPU computes in fp16
 (its WNA16 kernel has no fp32 path), so the comparison is with the fp32 reload up to fp16 arithmetic.
@@ -30,6 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_lm  # noqa: E402  (beside this script)
 
+# (label, weight bits, group (None: per channel), activation bits (None: fp16 activations))
+FORMATS = [("W4 g32", 4, 32, None), ("W8 g32", 8, 32, None), ("W8A8 per-channel", 8, None, 8),
+           ("W4A8 g32", 4, 32, 8)]
 SENTENCES = ["Quantization keeps the model small.", "A llama serves the exact weights it was trained with.",
              "Blocks of thirty-two weights share one step.", "The runtime dequantizes codes on the fly."]
 
@@ -65,7 +71,9 @@ def _runner(python: Path, mode: str, path: Path, ref: dict, work: Path) -> tuple
     if done.returncode != 0 or not result.exists():
         text = (done.stderr + done.stdout).splitlines()
         # vLLM's reason lines ("Quant type (...) not supported by CPUWNA16 ...") follow its ValueError line
-        lines = [ln for ln in text if "not supported by" in ln or "not implemented for" in ln] or \
+        # and the C++ kernel's own message ("... scalar path not implemented!") comes before "cancelled"
+        lines = [ln for ln in text if "not supported by" in ln or "not implemented" in ln
+                 or "Illegal instruction" in ln] or \
                 [ln for ln in text if "Error" in ln]
         return None, (lines[-1].split("] ")[-1].strip() if lines else done.stderr[-500:])
     return json.loads(result.read_text()), ""
@@ -112,10 +120,11 @@ def llama(work: Path, python: Path, steps: int, new_tokens: int) -> None:
 
     src = work / "llama-src"
     _, tok, data = tiny_lm.float_model(src, steps, hidden=256, heads=4)
-    for bits in (4, 8):
+    for label, bits, group, act_bits in FORMATS:
         model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-        trained = tiny_lm.qat_train(model, data, steps, bits=bits, serving="vllm-cpu")  # fp16 steps
-        out = qat.export_model(trained, work / f"llama-w{bits}", source_dir=src)
+        trained = tiny_lm.qat_train(model, data, steps, bits=bits, serving="vllm-cpu", group_size=group,
+                                    act_bits=act_bits)  # fp16 steps
+        out = qat.export_model(trained, work / f"llama-{label}", source_dir=src)
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         cases = []
         for text in tiny_lm.PROMPTS:
@@ -130,12 +139,12 @@ def llama(work: Path, python: Path, steps: int, new_tokens: int) -> None:
             cases.append({"prompt_ids": ids, "generated": seq[len(ids):], "logprobs": logprobs, "text": text})
         got, err = _runner(python, "generate", out, {"new_tokens": new_tokens, "cases": cases}, work)
         if got is None:
-            print(f"| tiny Llama W{bits} g32 | refused / failed: `{err}` |")
+            print(f"| tiny Llama {label} | refused / failed: `{err}` |")
             continue
         same = sum(c["generated"] == r["generated"] for c, r in zip(cases, got["runs"]))
         diffs = [abs(a - b) for c, r in zip(cases, got["runs"]) if c["generated"] == r["generated"]
                  for a, b in zip(c["logprobs"], r["logprobs"])]
-        print(f"| tiny Llama W{bits} g32 (generation) | loads, runs | greedy sequences identical {same}/{len(cases)}; "
+        print(f"| tiny Llama {label} (generation) | loads, runs | greedy sequences identical {same}/{len(cases)}; "
               f"max |logprob diff| {max(diffs) if diffs else float('nan'):.3e} (fp16 vLLM vs fp32 reload) |")
         for c, r in zip(cases, got["runs"]):
             print(f"|   {c['text']!r} | qat {tok.decode(c['generated'])!r} | vLLM {tok.decode(r['generated'])!r} |")

@@ -67,7 +67,8 @@ def float_model(folder: Path, steps: int, hidden: int = 128, heads: int = 4):
     return model, tok, data
 
 
-def qat_train(model, data, steps: int, bits: int = 4, serving: str = "llama.cpp"):
+def qat_train(model, data, steps: int, bits: int = 4, serving: str = "llama.cpp", group_size: int | None = 32,
+              act_bits: int | None = None):
     """Quantize to W<bits> g32 with the target's step dtype, inside LoRA; steps (lr 1e-5 at 4 bits,
     1e-6 at 8) and LoRA (lr 1e-3) train with QAT on next-token loss, as qat's recipes split them."""
     import torch
@@ -77,7 +78,7 @@ def qat_train(model, data, steps: int, bits: int = 4, serving: str = "llama.cpp"
     from qat.serving import train_for_target
 
     model.requires_grad_(False)
-    qat.quantize_model(model, qat.QuantConfig(bits=bits, group_size=32))
+    qat.quantize_model(model, qat.QuantConfig(bits=bits, group_size=group_size, act_bits=act_bits))
     train_for_target(model, serving, "gguf" if serving == "llama.cpp" else "compressed-tensors")
     attach(model, AdapterConfig(rank=8, init="zero"))
     scales, lora = ([p for n, p in model.named_parameters() if p.requires_grad and ("weight_scale" in n) == want]
