@@ -34,8 +34,11 @@ RECIPE = REPO / "scripts" / "recipes" / "w4a8.yaml"
 FORMATS = [("W8A8", 8, None, 8), ("W4A8", 4, 32, 8), ("W4A4", 4, 32, 4)]
 
 
-def job_argv(model_dir: Path, block: int, out: Path, rotate: bool, steps: int, batch: int, eval_blocks: int) -> list[str]:
-    argv = ["--config", str(RECIPE), "--model_name_or_path", str(model_dir),
+def job_argv(model_dir: Path, block: int, out: Path, rotate: bool, steps: int, batch: int, eval_blocks: int,
+             fmt: tuple = FORMATS[1]) -> list[str]:
+    _, bits, group, act_bits = fmt  # the W4A8 recipe, with this format's widths
+    argv = ["--config", str(RECIPE), "--bits", str(bits), "--group_size", str(group or -1),
+            "--act_bits", str(act_bits), "--model_name_or_path", str(model_dir),
             "--dataset", str(model_dir / "train.jsonl"), "--eval_dataset", str(model_dir / "heldout.jsonl"),
             "--max_eval_samples", str(eval_blocks), "--max_length", str(block), "--max_steps", str(steps),
             "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
@@ -73,14 +76,14 @@ def ptq_row(model_dir: Path, work: Path, label: str, bits: int, group, act_bits:
 
 
 def qat_row(model_dir: Path, block: int, work: Path, rotate: bool, steps: int, batch: int, eval_blocks: int,
-            eval_ds, collate) -> dict:
+            eval_ds, collate, fmt: tuple = FORMATS[1]) -> dict:
     import transformers
 
     from qat.trainers.recipes import build_arguments
     from qat.trainers.run import run
 
-    args = build_arguments(job_argv(model_dir, block, work / f"qat_w4a8{'_rot' if rotate else ''}", rotate, steps,
-                                    batch, eval_blocks))
+    args = build_arguments(job_argv(model_dir, block, work / f"qat_{fmt[0].lower()}{'_rot' if rotate else ''}", rotate,
+                                    steps, batch, eval_blocks, fmt))
     t0 = time.time()
     metrics = run(args)
     wall = time.time() - t0
@@ -109,6 +112,8 @@ def main() -> int:
     p.add_argument("--skip_qat", action="store_true")
     p.add_argument("--skip_ptq", action="store_true", help="only the float and QAT rows")
     p.add_argument("--qat_rotated_only", action="store_true", help="only the rotated QAT row")
+    p.add_argument("--qat_formats", default="W4A8", help="comma-separated formats trained with QAT: "
+                   + ", ".join(f[0] for f in FORMATS))
     p.add_argument("--json", default=None)
     ns = p.parse_args()
     transformers.logging.set_verbosity_error()
@@ -132,11 +137,12 @@ def main() -> int:
             name = f"{label} RTN{' + rotation' if rotate else ''}"
             rows[name] = ptq_row(model_dir, work, label, bits, group, act_bits, rotate, eval_ds, collate)
             print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
-    if not ns.skip_qat:
+    trained = [] if ns.skip_qat else [f for f in FORMATS if f[0] in ns.qat_formats.split(",")]
+    for fmt in trained:
         for rotate in ((True,) if ns.qat_rotated_only else (True, False)):
-            name = f"W4A8 QAT{' + rotation' if rotate else ''}"
+            name = f"{fmt[0]} QAT{' + rotation' if rotate else ''}"
             rows[name] = qat_row(model_dir, block, work, rotate, ns.qat_steps, ns.qat_batch, ns.eval_blocks,
-                                 eval_ds, collate)
+                                 eval_ds, collate, fmt)
             print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
     result = {"model_dir": str(model_dir), "pretrain_settings": {k: v for k, v in log["settings"].items()
                                                                  if k != "modules"},
