@@ -41,6 +41,19 @@ ARCHITECTURES = {
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
     "Qwen3ForCausalLM": ("qwen3", False),
+    "Gemma2ForCausalLM": ("gemma2", False),
+    "Gemma3ForCausalLM": ("gemma3", False),
+}
+# Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's multiplies by the stored weight, so GGUF holds
+# 1 + weight (transformers' reader subtracts the 1 again). In fp32, (1 + w) - 1 is exact whenever
+# 1 + w lies in [0.5, 2] (Sterbenz), so the reloaded model computes the very same 1 + w.
+NORM_PLUS_ONE = ("gemma2", "gemma3")
+# Config fields transformers' GGUF reader does not take from the file (it keeps the class default):
+# an export whose model differs from the default in one of them is refused (see _check_config_reloads).
+UNREAD_FIELDS = {
+    "gemma2": ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "layer_types",
+               "hidden_activation"),
+    "gemma3": ("query_pre_attn_scalar", "layer_types", "hidden_activation", "rope_parameters"),
 }
 
 
@@ -161,6 +174,8 @@ def gguf_tensors(model: nn.Module, arch: str, permute: bool, float_type: str = "
         seen.add(ident)
         heads = _rotary_heads(key, config) if permute else None
         tensor = rotary_permute(tensor, heads) if heads else tensor
+        if arch in NORM_PLUS_ONE and key.endswith("norm.weight"):
+            tensor = 1.0 + tensor.float()
         tensors.append((_gguf_name(name_map, key), _float_array(tensor, float_type), None))
     for name, layer in layers.items():
         codes, scale, _ = layer.export_codes()
@@ -177,8 +192,10 @@ def gguf_tensors(model: nn.Module, arch: str, permute: bool, float_type: str = "
 
 
 # ------------------------------------------------------------------------------- metadata
-def _rope_theta(config) -> float:
+def _rope_theta(config, layer_type: str = "full_attention") -> float:
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type in params:  # per layer type (Gemma 3: sliding layers have their own base)
+        params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
         raise ValueError(f"the model uses rope scaling {rope_type!r}, which qat does not write to GGUF yet: "
@@ -211,6 +228,13 @@ def write_metadata(writer, model: nn.Module, arch: str, name: str, file_type: in
     writer.add_vocab_size(config.vocab_size)
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
+    if arch in ("gemma2", "gemma3"):
+        writer.add_sliding_window(config.sliding_window)
+    if arch == "gemma3":
+        writer.add_rope_freq_base_swa(_rope_theta(config, "sliding_attention"))
+    if arch == "gemma2":  # llama.cpp's gemma2 reads both caps from the file
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
 def _file_type(layers) -> int:
@@ -238,6 +262,19 @@ def _check_config_reloads(path: Path, model: nn.Module) -> None:
     if _head_dim(rebuilt) != _head_dim(model.config):
         raise ValueError(f"transformers' GGUF reader rebuilds head_dim {_head_dim(rebuilt)} where the model has "
                          f"{_head_dim(model.config)}: export compressed-tensors for this model")
+    for field in UNREAD_FIELDS.get(read.get("model_type", "").replace("_text", ""), ()):
+        if getattr(rebuilt, field, None) != getattr(model.config, field, None):
+            raise ValueError(f"transformers' GGUF reader keeps {field}={getattr(rebuilt, field, None)!r} (its default) "
+                             f"where the model has {getattr(model.config, field, None)!r}: export compressed-tensors "
+                             "for this model")
+
+
+def _check_llamacpp_math(arch: str, config) -> None:
+    """Refuse a Gemma whose query scaling llama.cpp would not reproduce (it scales by 1/sqrt(head_dim))."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if arch in ("gemma2", "gemma3") and scalar is not None and scalar != _head_dim(config):
+        raise ValueError(f"query_pre_attn_scalar {scalar} differs from head_dim {_head_dim(config)}, and llama.cpp "
+                         "scales queries by 1/sqrt(head_dim): export compressed-tensors for this model")
 
 
 # ------------------------------------------------------------------------------- the export
@@ -273,6 +310,7 @@ def export_gguf(
         raise ValueError(f"{cls_name} is not an architecture qat writes to GGUF ({', '.join(ARCHITECTURES)}): "
                          "export compressed-tensors instead")
     arch, permute = ARCHITECTURES[cls_name]
+    _check_llamacpp_math(arch, model.config)
     layers = check_exportable(model)
     name = name or (Path(str(source)).name if source else cls_name)
     tensors = gguf_tensors(model, arch, permute, float_type)  # refusals happen here, before any file

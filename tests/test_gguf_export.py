@@ -51,6 +51,18 @@ def tiny(kind: str, seed: int = 0):
         return transformers.MistralForCausalLM(transformers.MistralConfig(**common, head_dim=16)).eval()
     if kind == "qwen2":
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True)).eval()
+    if kind in ("gemma2", "gemma3"):
+        # head_dim and query_pre_attn_scalar stay 256 (the class defaults transformers' reader assumes, and
+        # llama.cpp scales queries by 1/sqrt(head_dim)); norm weights off their zero init so the
+        # stored 1 + w is exercised (Gemma's RMSNorm multiplies by 1 + w).
+        cls, config = ((transformers.Gemma2ForCausalLM, transformers.Gemma2Config) if kind == "gemma2" else
+                       (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig))
+        model = cls(config(**common, head_dim=256, query_pre_attn_scalar=256)).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.uniform_(-0.4, 0.4)
+        return model
     # Qwen3: transformers' GGUF reader does not take head_dim from the file (class default 128).
     return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=128)).eval()
 
@@ -92,7 +104,8 @@ def _w_hat(model) -> dict[str, torch.Tensor]:
         return {name: layer.fake_quant_weight().detach().clone() for name, layer in qat.quant_layers(model)}
 
 
-@pytest.mark.parametrize("kind,bits", [("llama", 4), ("llama", 8), ("mistral", 4), ("qwen2", 4), ("qwen3", 4)])
+@pytest.mark.parametrize("kind,bits", [("llama", 4), ("llama", 8), ("mistral", 4), ("qwen2", 4), ("qwen3", 4),
+                                       ("gemma2", 4), ("gemma3", 8)])
 def test_transformers_reload_equals_trained_weights(tmp_path, tokenizer_dir, kind, bits):
     src = tmp_path / "src"
     model = qat_trained(kind, bits, src)
@@ -112,7 +125,11 @@ def test_transformers_reload_equals_trained_weights(tmp_path, tokenizer_dir, kin
         assert torch.equal(state[name + ".weight"], weight), name
     for key, tensor in model.state_dict().items():  # float tensors written as F32: equal too
         if key in state and not any(key.startswith(n + ".") for n in w_hat):
-            assert torch.equal(state[key], tensor), key
+            if kind.startswith("gemma") and key.endswith("norm.weight"):
+                # GGUF holds 1 + w and the reader subtracts 1: what the norm multiplies by is equal
+                assert torch.equal(1.0 + state[key], 1.0 + tensor), key
+            else:
+                assert torch.equal(state[key], tensor), key
     with torch.no_grad():
         got = reloaded(ids).logits
     # Identical weights and the same fp32 ops (x @ W^T; the bias added apart, as QuantLinear does):
@@ -334,3 +351,20 @@ def test_f16_float_tensors_halve_the_embeddings_and_keep_the_blocks(tmp_path, to
         assert torch.equal(state[name + ".weight"], weight), name  # the quantized blocks are unchanged
     with pytest.raises(ValueError, match="float_type='bf16': use one of"):
         export_gguf(model, tmp_path / "bf16", source_dir=tokenizer_dir, float_type="bf16")
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(attn_logit_softcapping=20.0), "keeps attn_logit_softcapping=50.0 \\(its default\\) where the model has 20.0"),
+    (dict(query_pre_attn_scalar=144), "query_pre_attn_scalar 144 differs from head_dim 256"),
+])
+def test_gemma_settings_a_reader_would_not_reproduce_are_refused(tmp_path, tokenizer_dir, change, words):
+    """transformers' GGUF reader keeps Gemma 2's soft-caps at the class defaults; llama.cpp scales
+    queries by 1/sqrt(head_dim): a model either would compute differently is refused, no file left."""
+    cfg = transformers.Gemma2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=256, **change)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32))
+    train_for_gguf(model)
+    with pytest.raises(ValueError, match=words):
+        export_gguf(model, tmp_path / "out", source_dir=tokenizer_dir)
+    assert not (tmp_path / "out").exists()
