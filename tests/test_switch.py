@@ -260,6 +260,22 @@ def test_the_cli_refuses_torchrun_without_use_cpu_before_loading(tmp_path):
     assert not out.exists()
 
 
+
+def test_accelerate_launch_cpu_with_several_processes_is_refused_before_loading(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (its simple launcher); the job
+    would train alone while the user asked for two: refused in one sentence, before any work."""
+    out = tmp_path / "job"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "train.py"),
+           "--model_name_or_path", str(tmp_path), "--dataset", "pydoc", "--output_dir", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "accelerate launch --cpu started one process" in done.stderr, done.stderr[-2000:]
+    # accelerate's launcher prints its own traceback for any failing child; none comes from qat's code
+    assert not any(f'File "{ROOT / part}' in done.stderr for part in ("qat", "trainers", "scripts"))
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------- help
 def test_train_help_lists_qat_keys_first_with_type_default_and_a_sentence():
     from qat.trainers.recipes import help_text

@@ -291,6 +291,14 @@ def check_data_parallel(args: TrainingArguments) -> None:
     from accelerate.utils import DistributedType
 
     started = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch for each process
+    # `accelerate launch --cpu --num_processes N` (N > 1) starts ONE process with MASTER_ADDR / MASTER_PORT
+    # set and no WORLD_SIZE (its simple launcher); mpirun (a hostfile) sets its own size variables.
+    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if ("WORLD_SIZE" not in os.environ and "MASTER_PORT" in os.environ and not mpi
+            and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")):
+        raise ValueError("accelerate launch --cpu started one process although more were asked for (it does not "
+                         "run several CPU processes): use torchrun --nproc_per_node N ... --use_cpu true for data "
+                         "parallel training on CPUs, or drop --num_processes")
     if started > 1 and args.distributed_state.distributed_type == DistributedType.NO:
         raise ValueError(f"{started} processes were started but accelerate runs this job without data parallelism "
                          "(no GPU and use_cpu is false), so each would train alone: pass --use_cpu true "
