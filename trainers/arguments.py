@@ -204,6 +204,9 @@ class QATArguments(TrainingArguments):
             raise ValueError("distill='kl' needs logits: for task 'embedding' use 'cosine' or 'mse'")
         if self.task == "embedding" and self.distill == "none":
             raise ValueError("task 'embedding' has no labels: set distill to 'cosine' or 'mse'")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps={self.max_steps} trains nothing: use a positive step count, or -1 (the "
+                             "default) to train for num_train_epochs")
         if self.keep_best_steps < 0:
             raise ValueError(f"keep_best_steps={self.keep_best_steps}: use 0 (start and end only) or a step count")
         if self.zo_eps <= 0 or self.zo_num_perturbations < 1:

@@ -127,6 +127,9 @@ def read_yaml(text: str, where: str):
 # Fields whose declared type is a plain number or flag: a recipe value of another type is refused
 # when the recipe is read (TrainingArguments would fail later with a TypeError deep inside).
 _SCALAR_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,)}
+# An example value that reads right for the key (a learning rate's example is no bit width).
+_EXAMPLES = {"bits": 4, "storage_bits": 8, "act_bits": 8, "group_size": 32, "rank": 16, "lora_r": 16,
+             "distill_weight": 0.5, "max_steps": 300, "matryoshka_width": 4}
 
 
 def check_value_type(key: str, value, where: str) -> None:
@@ -138,8 +141,8 @@ def check_value_type(key: str, value, where: str) -> None:
     ok = isinstance(value, _SCALAR_KINDS[base]) and (base == "bool" or not isinstance(value, bool))
     if not ok:
         noun = {"int": "a whole number", "float": "a number", "bool": "true or false"}[base]
-        raise ValueError(f"{where} value {key}: {value!r} is not {noun}: write e.g. {key}: "
-                         f"{ {'int': 100, 'float': 0.0002, 'bool': 'true'}[base] }")
+        example = _EXAMPLES.get(key, {"int": 100, "float": 0.0002, "bool": "true"}[base])
+        raise ValueError(f"{where} value {key}: {value!r} is not {noun}: write e.g. {key}: {example}")
 
 
 def parse_overrides(argv: list[str]) -> dict:

@@ -59,7 +59,8 @@ RECIPE_CASES = {
                       "on line {n1})"),
     "group-zero": ("group_size: 0\n", "group size 0: use a positive number"),
     "group-negative": ("group_size: -8\n", "group size -8: use a positive number"),
-    "bits-four": ("bits: four\n", "bits: 'four' is not a number"),
+    "bits-four": ("bits: four\n", "bits: 'four' is not a number: write e.g. bits: 4"),
+    "max_steps-zero": ("max_steps: 0\n", "max_steps=0 trains nothing: use a positive step count"),
     "wht-outside": ("adapter: wht\nadapter_placement: outside\nadapter_init: zero\n", "cannot be exported"),
 }
 
@@ -71,7 +72,7 @@ def test_bad_recipe_is_one_sentence_when_read(case, llama, chat, tmp_path, capsy
     recipe = _recipe(tmp_path, "\n".join(base) + "\n" + text)
     expected = expected.format(n1=len(base) + 1, n3=len(base) + 3)
     argv = [a if a != str(SFT) else str(recipe) for a in train_args(llama, chat, tmp_path / "o", "--max_steps", "1")]
-    if case == "max_steps-ten":
+    if case.startswith("max_steps"):
         argv = argv[:-2]  # the recipe's value, not the command line's
     code, err = run_in_process(["train", *argv], capsys)
     assert code == 1
@@ -82,7 +83,7 @@ def test_bad_recipe_is_one_sentence_when_read(case, llama, chat, tmp_path, capsy
 def test_bits_four_on_the_command_lines(llama, chat, tmp_path, capsys, minilm_path):
     code, err = run_in_process(["train", *train_args(llama, chat, tmp_path / "o", "--bits", "four")], capsys)
     assert code == 1
-    one_line_error(err, "bits: 'four' is not a number")
+    one_line_error(err, "bits: 'four' is not a number: write e.g. bits: 4")
     code, err = run_in_process(["quantize", "--model", minilm_path, "--bits", "four", "--out", str(tmp_path / "q")],
                                capsys)
     assert code == 2 and "bit width 'four' is not a number" in err and "Traceback" not in err  # argparse's usage
