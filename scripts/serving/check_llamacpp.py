@@ -58,10 +58,10 @@ def run_llamacpp(gguf_path: str, ref_path: str) -> None:
     print(json.dumps(out))
 
 
-def build_and_export(work: Path, bits: int, steps: int):
+def build_and_export(work: Path, bits: int, steps: int, arch: str = "llama"):
     from qat.gguf_export import export_gguf
 
-    model, tok, data = tiny_lm.float_model(work / "src", steps)
+    model, tok, data = tiny_lm.float_model(work / "src", steps, arch=arch)
     model = tiny_lm.qat_train(model, data, steps, bits=bits, serving="llama.cpp")
     export_gguf(model, work / "gguf", source_dir=work / "src", overwrite=True)
     return model, tok
@@ -119,6 +119,7 @@ def main() -> int:
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument("--steps", type=int, default=400, help="float and QAT training steps each")
     parser.add_argument("--new-tokens", type=int, default=12)
+    parser.add_argument("--arch", default="llama", choices=tiny_lm.ARCHS, help="the tiny model's architecture")
     parser.add_argument("--runner", nargs=2, metavar=("GGUF", "REF"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runner:
@@ -131,7 +132,7 @@ def main() -> int:
 
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="qat-llamacpp-"))
-    model, tok = build_and_export(work, args.bits, args.steps)
+    model, tok = build_and_export(work, args.bits, args.steps, args.arch)
     ref = reference(model, tok, args.new_tokens)
     ref_path = work / "ref.json"
     ref_path.write_text(json.dumps(ref))
@@ -141,7 +142,7 @@ def main() -> int:
     if done.returncode != 0:
         raise SystemExit(f"llama.cpp run failed:\n{done.stderr[-3000:]}")
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"llama-cpp-python {got['llama_cpp_version']}, GGUF {gguf_path.stat().st_size} bytes, "
+    print(f"{args.arch}: llama-cpp-python {got['llama_cpp_version']}, GGUF {gguf_path.stat().st_size} bytes, "
           f"{'Q4_0' if args.bits == 4 else 'Q8_0'} linears, F32 embeddings / norms / head")
     same, worst, worst_rounded = 0, 0.0, 0.0
     print("| prompt | qat greedy | llama.cpp greedy | same | max abs logit diff | same, qat with llama.cpp's "
