@@ -125,7 +125,7 @@ def run(ns) -> dict:
     else:
         from testbed import testbed_model
 
-        model_dir = testbed_model()
+        model_dir = Path(ns.model_dir) if ns.model_dir else testbed_model()
     score = Scorer(ns.bench, model_dir, ns.max_blocks)
     result = {"bench": ns.bench, "model_dir": str(model_dir), "float": score(model_dir), "runs": {}, "rows": {}}
     print(f"float: {result['float']}", flush=True)
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block", type=int, default=128, help="testbed: tokens per training block")
     parser.add_argument("--max_blocks", type=int, default=256, help="testbed: held-out blocks scored")
     parser.add_argument("--work_dir", default=str(REPO / "outputs" / "matryoshka"))
+    parser.add_argument("--model_dir", default=None, help="testbed: a pretrained testbed folder (default: the cached "
+                        "one of testbed.settings(), pretrained first when absent)")
     parser.add_argument("--json", default=None, help="write the result here")
     ns = parser.parse_args(argv)
     result = run(ns)
