@@ -198,3 +198,28 @@ def test_trainer_takes_master_weights_biases_and_norms_the_recipe_asks_for(tmp_p
     QATTrainer(model=model, args=args, train_dataset=data).train()  # check_trainable lets them through
     assert all(not torch.equal(model.get_parameter(n), w) for n, w in masters.items())
     assert any(not torch.equal(model.get_parameter(n), w) for n, w in norms.items())
+
+
+def test_full_weight_quantized_start_is_the_init_model_at_step_0(tmp_path):
+    """full_weight_start 'quantized': the masters start at W0 = s0 (q0 - z0), the init's (here GPTQ's)
+    dequantized weights, so the step-0 model and export are that init's, codes and all; the float start
+    re-rounds the float weights instead, which loses GPTQ's error compensation."""
+    from datasets import Dataset
+
+    from qat.trainers import QATArguments
+    from qat.trainers.run import prepare_model
+
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(3))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    base = dict(output_dir=str(tmp_path), task="causal_lm", adapter="none", train_mode="full_weight",
+                quant_init="gptq", calibration_samples=8, report_to="none")
+    gptq = prepare_model(QATArguments(**base, full_weight_start="quantized"), tiny_llama(), data)
+    from_float = prepare_model(QATArguments(**base), tiny_llama(), data)
+    flipped = 0
+    for (name, q), (_, f) in zip(qat.quant_layers(gptq), qat.quant_layers(from_float)):
+        assert torch.equal(q.master_weight, q.base_weight()), name  # W0 exactly
+        assert torch.equal(q.export_codes()[0], q.base_codes()), name  # step 0 exports the GPTQ codes
+        flipped += int((f.export_codes()[0] != f.base_codes()).sum())
+    assert flipped > 0  # the float start would not (round-to-nearest of the float weights)
+    with pytest.raises(ValueError, match="full_weight_start='gptq': use 'float' or 'quantized'"):
+        QATArguments(**base, full_weight_start="gptq")

@@ -101,6 +101,9 @@ class QATArguments(TrainingArguments):
     train_mode: str = field(default="fake_quant", metadata={"help":
         "What trains: fake_quant re-rounds the codes every step, frozen_codes keeps them and trains only the steps "
         "(E2E-QP), full_weight trains float master weights (docs/TRAINING_MODES.md)."})
+    full_weight_start: str = field(default="float", metadata={"help":
+        "With train_mode full_weight: where the master weights start, 'float' (the float model's weights) or "
+        "'quantized' (the init's dequantized weights, e.g. GPTQ's, so step 0 is that model and its codes)."})
     train_biases: bool = field(default=False, metadata={"help": "Also train the quantized layers' biases."})
     train_norms: bool = field(default=False, metadata={"help": "Also train every LayerNorm / RMSNorm parameter."})
     keep_best: bool = field(default=True, metadata={"help":
@@ -216,6 +219,8 @@ class QATArguments(TrainingArguments):
         if self.blockwise_steps < 0 or self.blockwise_batches < 1 or min(self.blockwise_lr, self.blockwise_step_lr) <= 0:
             raise ValueError("blockwise_steps must be >= 0 (0 = off), blockwise_batches >= 1 and the blockwise "
                              "learning rates > 0")
+        if self.full_weight_start not in ("float", "quantized"):
+            raise ValueError(f"full_weight_start={self.full_weight_start!r}: use 'float' or 'quantized'")
         if self.blockwise_target not in ("float", "quantized"):
             raise ValueError(f"blockwise_target={self.blockwise_target!r}: use 'float' or 'quantized'")
         if self.quantized_grads not in (None, "int8", "int4"):

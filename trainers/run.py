@@ -202,13 +202,14 @@ def calibration_batches(dataset, n: int, tokenizer=None, batch_size: int = 16) -
 def quantize(args: QATArguments, model, calibration: list[dict] | None = None):
     """Freeze everything, then swap the linear layers for QuantLinear (steps trainable); in place.
     ``calibration``: input batches for quant_init gptq (see :func:`calibration_batches`). Then the
-    recipe's train_mode (full_weight masters start from the float weights) and, when asked, trainable
-    biases / norms."""
+    recipe's train_mode (full_weight masters start from the float weights, or with full_weight_start
+    'quantized' from the init's dequantized weights W0) and, when asked, trainable biases / norms."""
     from qat.serving import train_for_target
     from qat.train_modes import apply_train_mode, float_weights, unfreeze_biases_and_norms
 
     model.requires_grad_(False)  # only steps and adapters train (and what train_mode adds)
-    weights = float_weights(model, args.quant_config()) if args.train_mode == "full_weight" else None
+    from_float = args.train_mode == "full_weight" and args.full_weight_start == "float"
+    weights = float_weights(model, args.quant_config()) if from_float else None  # None: masters start at W0
     qat.quantize_model(model, args.quant_config(), calibration=calibration)
     train_for_target(model, args.serving, args.export_format)  # steps rounded as the runtime stores them
     if args.train_mode != "fake_quant":
