@@ -5,6 +5,9 @@ The score (lower is better), always of the quantized model (fake quantization on
   task embedding with a teacher   mean over dev examples of 1 - cos(mean-pooled student,
                                   mean-pooled teacher): the sentence-embedding metric reported
   otherwise                       the model's own loss (labels) per counted token on the dev batches
+  with matryoshka_widths          sum_r weight_r * (the score above with the model at width r): the
+                                  objective the run trains, so a step that helps the int4 / int2 slices
+                                  at a small cost to the (near-lossless) int8 model counts as better
 
 Only the trainable tensors (``checkpoint.trainable_state``: steps, zero points, adapters, master
 weights, trained biases / norms) change during training, so a snapshot of them is the whole state.
@@ -40,7 +43,22 @@ class KeepBest(TrainerCallback):
 
     @torch.no_grad()
     def score(self, model) -> float:
-        """The dev score of ``model`` as it would be exported (fake quantization forced on)."""
+        """The dev score of ``model`` as it would be exported (fake quantization forced on); for a
+        Matryoshka run, the weighted sum over its widths (as training weighs their losses)."""
+        widths = self.trainer.args.matryoshka_widths
+        if not widths:
+            return self._score_at_width(model)
+        from qat.matryoshka import use_width
+
+        weights = self.trainer.args.matryoshka_weights or [1.0] * len(widths)
+        total = 0.0
+        for bits, weight in zip(widths, weights):
+            with use_width(model, bits):
+                total += weight * self._score_at_width(model)
+        return total
+
+    @torch.no_grad()
+    def _score_at_width(self, model) -> float:
         layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
         was_training, enabled = model.training, [m.fake_quant_enabled for m in layers]
         for m in layers:

@@ -90,3 +90,23 @@ def test_default_recipe_from_a_gptq_init_ends_no_worse_than_the_init(tmp_path):
     assert end <= start + 1e-9  # the same weights or better: float64 recomputation, no tolerance needed
     _, end_off, _ = _train(tmp_path / "off", keep_best=False, lr=0.3, **kw)
     assert end_off > start  # the planted harm (lr 0.3) is real from a GPTQ start too
+
+
+def test_matryoshka_runs_score_the_weighted_widths(tmp_path):
+    """A Matryoshka run trains sum_r w_r loss_r: keep_best scores the same sum over the widths, not the
+    int8 model alone (near-lossless, so any training looks worse there and step 0 would always win)."""
+    from qat.matryoshka import use_width
+
+    widths, weights = [8, 4, 2], [1.0, 0.5, 2.0]
+    _, _, trainer = _train(tmp_path, keep_best=True, lr=3e-3, steps=4, bits=8, storage_bits=8,
+                           matryoshka_widths=widths, matryoshka_weights=weights)
+    model, dev = trainer.model, _data(24, seed=1)
+    teacher = trainer.teacher
+    per_width = []
+    for bits in widths:
+        with use_width(model, bits):
+            per_width.append(dev_distance(model, teacher, dev))
+    assert per_width[2] > per_width[1] > per_width[0]  # the slices differ: the sum is not the int8 score alone
+    want = sum(w * d for w, d in zip(weights, per_width))
+    # fp32 cosines per example (each 1 - cos good to ~1e-7), weighted by <= 2 over 3 widths
+    assert trainer.keep_best.score(model) == pytest.approx(want, abs=1e-5)
