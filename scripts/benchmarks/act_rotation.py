@@ -35,11 +35,13 @@ FORMATS = [("W8A8", 8, None, 8), ("W4A8", 4, 32, 8), ("W4A4", 4, 32, 4)]
 
 
 def job_argv(model_dir: Path, block: int, out: Path, rotate: bool, steps: int, batch: int, eval_blocks: int,
-             fmt: tuple = FORMATS[1]) -> list[str]:
+             fmt: tuple = FORMATS[1], dev: Path | None = None) -> list[str]:
+    """The QAT job's arguments; ``dev`` is its keep_best split (testbed.dev_file), the held-out file when
+    unset (only to read the scored blocks)."""
     _, bits, group, act_bits = fmt  # the W4A8 recipe, with this format's widths
     argv = ["--config", str(RECIPE), "--bits", str(bits), "--group_size", str(group or -1),
             "--act_bits", str(act_bits), "--model_name_or_path", str(model_dir),
-            "--dataset", str(model_dir / "train.jsonl"), "--eval_dataset", str(model_dir / "heldout.jsonl"),
+            "--dataset", str(model_dir / "train.jsonl"), "--eval_dataset", str(dev or model_dir / "heldout.jsonl"),
             "--max_eval_samples", str(eval_blocks), "--max_length", str(block), "--max_steps", str(steps),
             "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
             "--warmup_steps", str(max(steps // 10, 1)), "--eval_strategy", "no", "--save_strategy", "no",
@@ -76,14 +78,14 @@ def ptq_row(model_dir: Path, work: Path, label: str, bits: int, group, act_bits:
 
 
 def qat_row(model_dir: Path, block: int, work: Path, rotate: bool, steps: int, batch: int, eval_blocks: int,
-            eval_ds, collate, fmt: tuple = FORMATS[1]) -> dict:
+            eval_ds, collate, fmt: tuple = FORMATS[1], dev: Path | None = None) -> dict:
     import transformers
 
     from qat.trainers.recipes import build_arguments
     from qat.trainers.run import run
 
     args = build_arguments(job_argv(model_dir, block, work / f"qat_{fmt[0].lower()}{'_rot' if rotate else ''}", rotate,
-                                    steps, batch, eval_blocks, fmt))
+                                    steps, batch, eval_blocks, fmt, dev))
     t0 = time.time()
     metrics = run(args)
     wall = time.time() - t0
@@ -138,11 +140,16 @@ def main() -> int:
             rows[name] = ptq_row(model_dir, work, label, bits, group, act_bits, rotate, eval_ds, collate)
             print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
     trained = [] if ns.skip_qat else [f for f in FORMATS if f[0] in ns.qat_formats.split(",")]
+    if trained:  # the jobs pick their state (keep_best) on held-out text the table does not score
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from testbed import dev_file
+
+        dev = dev_file(model_dir, work, ns.eval_blocks)
     for fmt in trained:
         for rotate in ((True,) if ns.qat_rotated_only else (True, False)):
             name = f"{fmt[0]} QAT{' + rotation' if rotate else ''}"
             rows[name] = qat_row(model_dir, block, work, rotate, ns.qat_steps, ns.qat_batch, ns.eval_blocks,
-                                 eval_ds, collate, fmt)
+                                 eval_ds, collate, fmt, dev)
             print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
     result = {"model_dir": str(model_dir), "pretrain_settings": {k: v for k, v in log["settings"].items()
                                                                  if k != "modules"},

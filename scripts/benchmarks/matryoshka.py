@@ -50,22 +50,24 @@ def job_argv(bench: str, ns, model_dir: Path, out: Path) -> list[str]:
         return ["--config", str(REPO / "scripts/recipes/encoder_distill.yaml"), "--max_eval_samples", "64",
                 "--train_sampling_strategy", "random", *common]
     return ["--config", str(REPO / "scripts/recipes/causal_lm_cpt.yaml"), "--model_name_or_path", str(model_dir),
-            "--dataset", str(model_dir / "train.jsonl"), "--eval_dataset", str(model_dir / "heldout.jsonl"),
+            "--dataset", str(model_dir / "train.jsonl"), "--eval_dataset", str(ns.dev_file),
             "--max_eval_samples", "16", "--max_length", str(ns.block), "--distill_weight", "1.0", *common]
 
 
 class Scorer:
     """Scores a folder (float model or export) the same way for every row."""
 
-    def __init__(self, bench: str, model_dir: Path, max_blocks: int):
+    def __init__(self, bench: str, model_dir: Path, max_blocks: int, test_sentences: int = 512):
         self.bench, self.model_dir = bench, model_dir
         if bench == "minilm":
             from transformers import AutoTokenizer
 
-            from qat.evaluation import pydoc_sentences
+            from qat.corpus import ood_test_sentences
 
+            # the quality benchmark's out-of-domain test split (the jobs train on the corpus and pick
+            # their state on its dev split; nothing tunes on these)
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.sentences = pydoc_sentences("eval", n=256)
+            self.sentences = ood_test_sentences(n=test_sentences)
             self.reference = self._embeddings(model_dir)
         else:
             from testbed import heldout_blocks
@@ -126,7 +128,11 @@ def run(ns) -> dict:
         from testbed import testbed_model
 
         model_dir = Path(ns.model_dir) if ns.model_dir else testbed_model()
-    score = Scorer(ns.bench, model_dir, ns.max_blocks)
+    score = Scorer(ns.bench, model_dir, ns.max_blocks, ns.test_sentences)
+    if ns.bench == "testbed":
+        from testbed import dev_file
+
+        ns.dev_file = dev_file(model_dir, work, ns.max_blocks)
     result = {"bench": ns.bench, "model_dir": str(model_dir), "float": score(model_dir), "runs": {}, "rows": {}}
     print(f"float: {result['float']}", flush=True)
     rtn = rtn_int8(model_dir, ns.bench, work / "rtn_int8")
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--step_lr", type=float, default=1e-4, help="step (LSQ) learning rate")
     parser.add_argument("--block", type=int, default=128, help="testbed: tokens per training block")
     parser.add_argument("--max_blocks", type=int, default=256, help="testbed: held-out blocks scored")
+    parser.add_argument("--test_sentences", type=int, default=512, help="minilm: out-of-domain sentences scored")
     parser.add_argument("--work_dir", default=str(REPO / "outputs" / "matryoshka"))
     parser.add_argument("--model_dir", default=None, help="testbed: a pretrained testbed folder (default: the cached "
                         "one of testbed.settings(), pretrained first when absent)")

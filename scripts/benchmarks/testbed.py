@@ -75,6 +75,25 @@ def heldout_blocks(folder: Path | str, max_blocks: int | None = None) -> torch.T
     return blocks[:max_blocks]
 
 
+def dev_file(folder: Path | str, out_dir: Path | str, scored_blocks: int) -> Path:
+    """``out_dir/dev.jsonl``: the second half of the held-out documents, for the jobs' dev split
+    (keep_best), disjoint from the text the benchmarks report on: they score the first ``scored_blocks``
+    held-out blocks, which must lie inside the first half (checked)."""
+    from transformers import AutoTokenizer
+
+    folder, out_dir = Path(folder), Path(out_dir)
+    lines = open(folder / "heldout.jsonl").read().splitlines()
+    half = len(lines) // 2
+    block = json.loads((folder / "pretrain_log.json").read_text())["settings"]["block"]
+    first = pack_blocks(AutoTokenizer.from_pretrained(folder), [json.loads(x)["text"] for x in lines[:half]], block)
+    if len(first) < scored_blocks:
+        raise ValueError(f"the first half of the held-out documents holds {len(first)} blocks, fewer than the "
+                         f"{scored_blocks} scored: score fewer blocks")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "dev.jsonl").write_text("\n".join(lines[half:]) + "\n")
+    return out_dir / "dev.jsonl"
+
+
 def perplexity(model, blocks: torch.Tensor) -> float:
     """exp(mean next-token cross-entropy) over every prediction in ``blocks``."""
     return math.exp(block_loss(model, blocks))

@@ -44,3 +44,11 @@ def test_tiny_testbed(testbed, tmp_path):
     # W8 RTN is within 1% of float; W2 RTN is a different (worse) model even after 6 steps.
     assert abs(w8["increase"]) < 0.01 and w2["increase"] > 0.01
     assert math.isfinite(result["float_perplexity"]) and 1 < result["float_perplexity"] < 257
+    # the jobs' dev split: held-out documents beyond every block the benchmarks score
+    blocks = testbed.heldout_blocks(folder)
+    dev = testbed.dev_file(folder, tmp_path / "dev", scored_blocks=1)
+    heldout = (folder / "heldout.jsonl").read_text().splitlines()
+    dev_lines = dev.read_text().splitlines()
+    assert dev_lines == heldout[len(heldout) // 2:] and not set(dev_lines) & set(heldout[: len(heldout) // 2])
+    with pytest.raises(ValueError, match="score fewer blocks"):
+        testbed.dev_file(folder, tmp_path / "dev", scored_blocks=len(blocks) + 1)
