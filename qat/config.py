@@ -94,7 +94,7 @@ class QuantConfig:
     act_scheme: str = "dynamic_token"
 
     def __post_init__(self):
-        self.default_spec()  # validates the global settings
+        self.group_size = self.default_spec().group_size  # validates the global settings; -1 -> None, here once
         if not self.gptq_damp > 0:
             raise ValueError(f"gptq_damp={self.gptq_damp}: use a positive share of the mean Hessian diagonal, e.g. 0.01")
         if self.gptq_step_init not in GPTQ_STEP_SEARCHES:

@@ -22,6 +22,26 @@ from qat.train_modes import check_train_mode
 TASKS = ("causal_lm", "seq_cls", "embedding")
 DISTILL_LOSSES = ("none", "kl", "cosine", "mse", "hidden_mse")
 ZO_TARGETS = ("adapters", "steps", "both")
+# One source for the quantizer and adapter knobs: every QuantConfig / AdapterConfig field is the flat recipe
+# key named here, its default is the dataclass's own (``_config_field``), and quant_config() /
+# adapter_config() are built from these tables. A new dataclass field needs only its flat field below
+# (tests/trainers/test_arguments.py::test_every_config_field_is_a_recipe_key fails until it exists).
+QUANT_KEYS = {f.name: {"init": "quant_init", "include": "quant_include", "exclude": "quant_exclude",
+                       "overrides": "quant_overrides"}.get(f.name, f.name) for f in dataclasses.fields(QuantConfig)}
+ADAPTER_KEYS = {f.name: "adapter" if f.name == "kind" else f"adapter_{f.name}"
+                for f in dataclasses.fields(AdapterConfig)}
+
+
+def _config_field(config_cls, name: str, help_text: str):
+    """A flat recipe field whose default is ``config_cls``'s default for its field ``name``."""
+    source = config_cls.__dataclass_fields__[name]
+    if source.default_factory is not dataclasses.MISSING:
+        return field(default_factory=source.default_factory, metadata={"help": help_text})
+    return field(default=source.default, metadata={"help": help_text})
+
+
+def _copied(value):
+    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
 
 
 @dataclass
@@ -55,40 +75,40 @@ class QATArguments(TrainingArguments):
         "For plain text: concatenate the texts and cut them into max_length blocks (chat and "
         "prompt/completion data are never packed)."})
     # ---------------------------------------------------------------- quantizer
-    bits: float = field(default=4, metadata={"help": "The trained integer width: 2, 3, 4, 5-8, or 1.58 for ternary."})
-    group_size: int = field(default=32, metadata={"help":
-        "How many inputs of a row share one step (a group); -1 gives each output row one step."})
-    symmetric: bool = field(default=True, metadata={"help":
-        "A grid symmetric around zero; false adds a zero point per group (asymmetric)."})
-    storage_bits: int | None = field(default=None, metadata={"help":
-        "The width of the frozen base codes (storage bits); unset means the same as bits."})
-    quant_init: str = field(default="mse", metadata={"help":
+    bits: float = _config_field(QuantConfig, "bits", "The trained integer width: 2, 3, 4, 5-8, or 1.58 for ternary.")
+    group_size: int = _config_field(QuantConfig, "group_size",
+        "How many inputs of a row share one step (a group); -1 gives each output row one step.")
+    symmetric: bool = _config_field(QuantConfig, "symmetric",
+        "A grid symmetric around zero; false adds a zero point per group (asymmetric).")
+    storage_bits: int | None = _config_field(QuantConfig, "storage_bits",
+        "The width of the frozen base codes (storage bits); unset means the same as bits.")
+    quant_init: str = _config_field(QuantConfig, "init",
         "How the steps and codes start: 'mse' searches the step with the least squared error, 'rtn' takes "
         "absmax / qmax, 'gptq' corrects each column's rounding error in the later columns (GPTQ, calibrated on "
-        "calibration_samples training examples)."})
-    gptq_damp: float = field(default=0.01, metadata={"help":
-        "With quant_init gptq: the dampening added to the Hessian diagonal, as a share of its mean."})
-    gptq_act_order: bool = field(default=False, metadata={"help":
+        "calibration_samples training examples).")
+    gptq_damp: float = _config_field(QuantConfig, "gptq_damp",
+        "With quant_init gptq: the dampening added to the Hessian diagonal, as a share of its mean.")
+    gptq_act_order: bool = _config_field(QuantConfig, "gptq_act_order",
         "With quant_init gptq: take columns by decreasing input energy (static groups: the export stays "
-        "plain group-wise)."})
-    gptq_step_init: str = field(default="mse", metadata={"help":
-        "With quant_init gptq: how each group's step is searched, 'mse' or 'rtn'."})
-    quant_include: list[str] = field(default_factory=lambda: [r".*"], metadata={"help":
-        "Regexes of the linear layers to quantize (matched anywhere in the name)."})
-    quant_exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE), metadata={"help":
-        "Regexes of the linear layers kept in float (by default the output head and classifier heads)."})
-    quant_overrides: dict = field(default_factory=dict, metadata={"help":
-        "Per-layer settings for mixed precision, e.g. {down_proj: {bits: 8}}; the first matching regex wins."})
-    learn_scale: bool = field(default=True, metadata={"help":
-        "Train the steps (LSQ); false keeps them at their start."})
-    learn_zero_point: bool = field(default=True, metadata={"help":
-        "Train the zero points of an asymmetric grid (LSQ+)."})
-    act_bits: int | None = field(default=None, metadata={"help":
-        "Fake-quantize the activations too (8: W8A8 / W4A8, or 4); unset keeps them float."})
-    act_scheme: str = field(default="dynamic_token", metadata={"help":
+        "plain group-wise).")
+    gptq_step_init: str = _config_field(QuantConfig, "gptq_step_init",
+        "With quant_init gptq: how each group's step is searched, 'mse' or 'rtn'.")
+    quant_include: list[str] = _config_field(QuantConfig, "include",
+        "Regexes of the linear layers to quantize (matched anywhere in the name).")
+    quant_exclude: list[str] = _config_field(QuantConfig, "exclude",
+        "Regexes of the linear layers kept in float (by default the output head and classifier heads).")
+    quant_overrides: dict = _config_field(QuantConfig, "overrides",
+        "Per-layer settings for mixed precision, e.g. {down_proj: {bits: 8}}; the first matching regex wins.")
+    learn_scale: bool = _config_field(QuantConfig, "learn_scale",
+        "Train the steps (LSQ); false keeps them at their start.")
+    learn_zero_point: bool = _config_field(QuantConfig, "learn_zero_point",
+        "Train the zero points of an asymmetric grid (LSQ+).")
+    act_bits: int | None = _config_field(QuantConfig, "act_bits",
+        "Fake-quantize the activations too (8: W8A8 / W4A8, or 4); unset keeps them float.")
+    act_scheme: str = _config_field(QuantConfig, "act_scheme",
         "How activation steps are set: 'dynamic_token' is one step per token, absmax / 127 (vLLM's int8); "
         "'static_tensor' one learned "
-        "(LSQ) step per layer."})
+        "(LSQ) step per layer.")
     rotate: str | None = field(default=None, metadata={"help":
         "A rotation before quantizing: 'hadamard' folds QuaRot rotations into the float model before quantizing (Llama / Qwen2 / "
         "Mistral); unset: no rotation."})
@@ -114,24 +134,24 @@ class QATArguments(TrainingArguments):
     matryoshka_weights: list[float] | None = field(default=None, metadata={"help":
         "The loss weight of each matryoshka_widths entry; unset means 1 each."})
     # ---------------------------------------------------------------- adapter
-    adapter: str = field(default="lora", metadata={"help":
-        "The adapter trained with the steps: 'lora', 'wht' (Walsh-Hadamard) or 'none' (steps only)."})
-    adapter_rank: int = field(default=8, metadata={"help": "The LoRA rank (for wht: the same budget of values)."})
-    adapter_alpha: float = field(default=16.0, metadata={"help":
-        "The LoRA scale numerator: the update is scaled by alpha / rank."})
-    adapter_dropout: float = field(default=0.0, metadata={"help":
-        "Dropout on the adapter's input (outside placement only)."})
-    adapter_placement: str = field(default="inside", metadata={"help":
+    adapter: str = _config_field(AdapterConfig, "kind",
+        "The adapter trained with the steps: 'lora', 'wht' (Walsh-Hadamard) or 'none' (steps only).")
+    adapter_rank: int = _config_field(AdapterConfig, "rank", "The LoRA rank (for wht: the same budget of values).")
+    adapter_alpha: float = _config_field(AdapterConfig, "alpha",
+        "The LoRA scale numerator: the update is scaled by alpha / rank.")
+    adapter_dropout: float = _config_field(AdapterConfig, "dropout",
+        "Dropout on the adapter's input (outside placement only).")
+    adapter_placement: str = _config_field(AdapterConfig, "placement",
         "Where the adapter sits: 'inside' rounds it with the weight and merges it into the export exactly; "
-        "'outside' adds it after the quantized layer (QLoRA, peft format)."})
-    adapter_targets: list[str] = field(default_factory=lambda: [r".*"], metadata={"help":
-        "Regexes of the quantized layers that get an adapter."})
-    adapter_init: str = field(default="zero", metadata={"help":
-        f"How the adapter starts, one of {ADAPTER_INITS}; 'zero' changes nothing at step 0."})
-    adapter_init_iters: int = field(default=AdapterConfig.init_iters, metadata={"help":
-        "The alternations of the LoftQ adapter init."})
-    adapter_init_steps: int = field(default=AdapterConfig.init_steps, metadata={"help":
-        "The Adam steps of the inside 'refine' adapter init."})
+        "'outside' adds it after the quantized layer (QLoRA, peft format).")
+    adapter_targets: list[str] = _config_field(AdapterConfig, "targets",
+        "Regexes of the quantized layers that get an adapter.")
+    adapter_init: str = _config_field(AdapterConfig, "init",
+        f"How the adapter starts, one of {ADAPTER_INITS}; 'zero' changes nothing at step 0.")
+    adapter_init_iters: int = _config_field(AdapterConfig, "init_iters",
+        "The alternations of the LoftQ adapter init.")
+    adapter_init_steps: int = _config_field(AdapterConfig, "init_steps",
+        "The Adam steps of the inside 'refine' adapter init.")
     # ---------------------------------------------------------------- block-wise reconstruction (before training)
     blockwise_steps: int = field(default=0, metadata={"help": "The Adam steps per transformer block fitting its steps and "
                                                               "adapters to the float block's outputs; 0 turns the stage off."})
@@ -265,21 +285,12 @@ class QATArguments(TrainingArguments):
                              "export inside adapters only): use adapter_placement 'inside', or train with DDP")
 
     def quant_config(self) -> QuantConfig:
-        return QuantConfig(bits=self.bits, group_size=None if self.group_size in (None, -1) else self.group_size,
-                           symmetric=self.symmetric, storage_bits=self.storage_bits, init=self.quant_init,
-                           include=list(self.quant_include), exclude=list(self.quant_exclude),
-                           overrides=dict(self.quant_overrides), learn_scale=self.learn_scale,
-                           learn_zero_point=self.learn_zero_point, gptq_damp=self.gptq_damp,
-                           gptq_act_order=self.gptq_act_order, gptq_step_init=self.gptq_step_init,
-                           act_bits=self.act_bits, act_scheme=self.act_scheme)
+        return QuantConfig(**{name: _copied(getattr(self, key)) for name, key in QUANT_KEYS.items()})
 
     def adapter_config(self) -> AdapterConfig | None:
         if self.adapter == "none":
             return None
-        return AdapterConfig(kind=self.adapter, rank=self.adapter_rank, alpha=self.adapter_alpha,
-                             dropout=self.adapter_dropout, placement=self.adapter_placement,
-                             targets=list(self.adapter_targets), init=self.adapter_init,
-                             init_iters=self.adapter_init_iters, init_steps=self.adapter_init_steps)
+        return AdapterConfig(**{name: _copied(getattr(self, key)) for name, key in ADAPTER_KEYS.items()})
 
     def qat_dict(self) -> dict:
         """The qat fields only (what a recipe file adds to TrainingArguments)."""

@@ -102,8 +102,19 @@ def test_every_config_field_is_a_recipe_key(tmp_path):
     from qat.adapters import AdapterConfig
     from qat.config import QuantConfig
 
+    from qat.trainers import arguments
+
     assert set(QUANT_KEYS) == {f.name for f in dataclasses.fields(QuantConfig)}
     assert set(ADAPTER_KEYS) == {f.name for f in dataclasses.fields(AdapterConfig)}
+    # the flat names the arguments build the configs from are the ones this test sets
+    assert arguments.QUANT_KEYS == {f: key for f, (key, _) in QUANT_KEYS.items()}
+    assert arguments.ADAPTER_KEYS == {f: key for f, (key, _) in ADAPTER_KEYS.items()}
+    flat = {f.name: f for f in dataclasses.fields(arguments.QATArguments)}
+    for config_cls, table in ((QuantConfig, arguments.QUANT_KEYS), (AdapterConfig, arguments.ADAPTER_KEYS)):
+        for f in dataclasses.fields(config_cls):  # one source: the flat default is the dataclass's
+            key = flat[table[f.name]]
+            made = key.default_factory() if key.default_factory is not dataclasses.MISSING else key.default
+            assert made == getattr(config_cls(), f.name), (config_cls.__name__, f.name)
     cases = [("quant_config", f, *QUANT_KEYS[f], {}) for f in QUANT_KEYS]
     cases += [("adapter_config", f, *ADAPTER_KEYS[f], ADAPTER_NEEDS.get(f, {})) for f in ADAPTER_KEYS]
     for getter, field_name, key, value, needs in cases:
