@@ -26,6 +26,7 @@ import warnings
 
 from torch import nn
 
+from qat.adapter import PLACEMENTS
 from qat.adapters import AdapterConfig, attach
 from qat.config import QuantConfig
 from qat.quant_linear import QuantLinear
@@ -33,7 +34,6 @@ from qat.surgery import quantize_model
 
 TEACHER_ATTR = "_qat_float_teacher"  # a plain attribute, not a submodule: never trained, saved or moved
 FULL_ATTR = "qat_trained_in_full"     # names of the modules that train in full (peft's modules_to_save)
-PLACEMENTS = ("inside", "outside")
 
 __all__ = ["get_qat_model", "adapter_config_from_peft", "float_teacher", "trained_in_full"]
 

@@ -14,7 +14,6 @@ from qat.act_quant import check_act_settings
 
 STEP_INITS = ("rtn", "mse", "gptq")  # gptq: error-compensating codes from calibration data (qat.gptq)
 GPTQ_STEP_SEARCHES = ("rtn", "mse")  # how GPTQ picks each group's step
-PLACEMENTS = ("inside", "outside")
 # Module-name patterns (regular expressions, matched with re.search) left in float by default:
 # the output head and classifier heads, whose errors hit the loss directly.
 DEFAULT_EXCLUDE = [r"(^|\.)lm_head$", r"(^|\.)(score|classifier|qa_outputs)$"]
