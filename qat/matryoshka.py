@@ -33,8 +33,11 @@ BASE_BITS = 8  # the width whose codes are sliced
 SLICE_WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 
 
+FROZEN = "frozen_codes"  # the train mode that keeps the int8 codes (and bypasses the slice hook)
+
+
 def check_widths(widths: Sequence[int] | None, weights: Sequence[float] | None, bits: float,
-                 storage_bits: int | None) -> None:
+                 storage_bits: int | None, train_mode: str = "fake_quant") -> None:
     """Refuse a Matryoshka recipe that cannot work, in one sentence, before any model is loaded."""
     if not widths:
         if weights:
@@ -55,6 +58,10 @@ def check_widths(widths: Sequence[int] | None, weights: Sequence[float] | None, 
                              "weight per width")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"matryoshka_weights {list(weights)}: use non-negative weights, not all zero")
+    if train_mode == FROZEN:
+        raise ValueError("matryoshka_widths train int8 codes whose top bits are good models, and train_mode "
+                         "frozen_codes never moves a code (nor computes the slices): set train_mode: fake_quant "
+                         "(or full_weight)")
 
 
 # ------------------------------------------------------------------------------------ integer slicing
@@ -121,6 +128,10 @@ def matryoshka_layers(model: nn.Module):
 def use_width(model: nn.Module, bits: int):
     """Every int8 QuantLinear of ``model`` computes its ``bits``-bit slice inside the block (8: itself)."""
     layers = [m for _, m in matryoshka_layers(model)]
+    frozen = [m for m in layers if m.train_mode == FROZEN]
+    if frozen and bits != BASE_BITS:  # frozen_codes computes s (q0 - z) from the base codes: no slice
+        raise ValueError("a Matryoshka width needs layers in train_mode fake_quant or full_weight; these are in "
+                         "frozen_codes, which would compute the int8 model at every width")
     previous = [getattr(m, "slice_bits", None) for m in layers]
     for m in layers:
         m.slice_bits = None if bits == BASE_BITS else bits

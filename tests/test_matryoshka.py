@@ -182,6 +182,7 @@ def test_trainer_runs_every_width_and_sums_the_weighted_losses(tmp_path):
     (dict(matryoshka_widths=[8, 4], matryoshka_weights=[0.0, 0.0]), "not all zero"),
     (dict(matryoshka_widths=[8, 4], bits=4), "set bits: 8"),
     (dict(matryoshka_weights=[1.0]), "without matryoshka_widths"),
+    (dict(matryoshka_widths=[8, 4], train_mode="frozen_codes"), "frozen_codes never moves a code"),
 ])
 def test_recipe_keys_are_validated_before_loading(tmp_path, changes, message):
     from qat.trainers.recipes import build_arguments
@@ -191,3 +192,19 @@ def test_recipe_keys_are_validated_before_loading(tmp_path, changes, message):
         argv += [f"--{key}", str(value)]  # a list is read as YAML: "[8, 4, 1]"
     with pytest.raises(ValueError, match=message):
         build_arguments(argv)
+
+
+def test_a_width_on_frozen_code_layers_is_refused():
+    """frozen_codes computes s (q0 - z) from the base codes and never reaches the slice hook: a width
+    there would silently be the int8 model (what a MiniLM run did before the recipe check existed)."""
+    from qat.matryoshka import use_width
+    from qat.train_modes import apply_train_mode
+
+    model = tiny_llama()
+    qat.quantize_model(model, qat.QuantConfig(bits=8, storage_bits=8, group_size=32))
+    apply_train_mode(model, "frozen_codes")
+    with use_width(model, 8):
+        pass  # the int8 model itself is fine
+    with pytest.raises(ValueError, match="frozen_codes, which would compute the int8 model"):
+        with use_width(model, 4):
+            pass

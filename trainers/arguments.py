@@ -252,7 +252,8 @@ class QATArguments(TrainingArguments):
         check_rotation(self.rotate)
         from qat.matryoshka import check_widths
 
-        check_widths(self.matryoshka_widths, self.matryoshka_weights, self.bits, self.storage_bits)
+        check_widths(self.matryoshka_widths, self.matryoshka_weights, self.bits, self.storage_bits,
+                     self.train_mode)
         self.adapter_config()
         check_train_mode(self.train_mode, self.quant_config(), self.adapter, self.adapter_placement)
         self.check_exportable()

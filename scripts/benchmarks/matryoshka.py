@@ -47,8 +47,10 @@ def job_argv(bench: str, ns, model_dir: Path, out: Path) -> list[str]:
               "--save_strategy", "no", "--logging_steps", str(max(ns.max_steps // 5, 1)), "--disable_tqdm", "true",
               "--report_to", "none", "--output_dir", str(out), "--overwrite_output", "true"]
     if bench == "minilm":
+        # the recipe's default trains steps on frozen GPTQ codes; Matryoshka moves codes, so every row here
+        # trains an inside LoRA with re-rounding (fake_quant) from RTN codes, as on the testbed
         return ["--config", str(REPO / "scripts/recipes/encoder_distill.yaml"), "--max_eval_samples", "64",
-                "--train_sampling_strategy", "random", *common]
+                "--train_sampling_strategy", "random", "--train_mode", "fake_quant", "--adapter", "lora", *common]
     return ["--config", str(REPO / "scripts/recipes/causal_lm_cpt.yaml"), "--model_name_or_path", str(model_dir),
             "--dataset", str(model_dir / "train.jsonl"), "--eval_dataset", str(ns.dev_file),
             "--max_eval_samples", "16", "--max_length", str(ns.block), "--distill_weight", "1.0", *common]
