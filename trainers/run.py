@@ -442,12 +442,24 @@ def run(args: QATArguments) -> dict:
     with run_lock(args):
         clean_partial_checkpoints(Path(args.output_dir))
         metrics = _run(args, export_dir)
+    check_not_worse(args, metrics, export_dir)
+    return metrics
+
+
+def check_not_worse(args: QATArguments, metrics: dict, export_dir) -> None:
+    """Refuse (exit non-zero) a trained model worse than its post-training start on the report's split.
+
+    A Matryoshka run is exempt: its report rows score the int8 model alone, which the run may rightly
+    make worse to improve its int4 / int2 slices; keep_best guards its joint objective on dev instead."""
     worse = worse_than_post_training(metrics.get("rows", {}))
+    if worse and args.matryoshka_widths:
+        print(f"the int8 model ends worse than post-training quantization ({worse}); a Matryoshka run trades it "
+              "for its slices, so this is not refused (keep_best kept the best weighted sum of the widths on dev)")
+        return
     if worse and not args.allow_worse_than_ptq:
         raise ValueError(f"the trained model is worse than post-training quantization ({worse}): training "
                          f"diverged or over-fitted, so do not use the export at {export_dir}; lower learning_rate / "
                          "step_learning_rate, or pass --allow_worse_than_ptq true to accept it")
-    return metrics
 
 
 def _run(args: QATArguments, export_dir: Path) -> dict:

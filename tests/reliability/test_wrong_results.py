@@ -105,6 +105,22 @@ def test_worse_than_post_training_tolerates_noise_only():
     assert worse_than_post_training(loss) is not None
 
 
+def test_a_matryoshka_run_may_trade_its_int8_model_for_its_slices(tmp_path, capsys):
+    """The report rows score the int8 model alone; a Matryoshka run is not refused for making it worse
+    (keep_best guards its joint objective), any other run is."""
+    from types import SimpleNamespace
+
+    from qat.trainers.run import check_not_worse
+
+    metrics = {"rows": {"float": {"cosine": 1.0}, "post-training": {"cosine": 0.9999}, "qat": {"cosine": 0.9586}}}
+    matryoshka = SimpleNamespace(matryoshka_widths=[8, 4, 2], allow_worse_than_ptq=False)
+    check_not_worse(matryoshka, metrics, tmp_path)
+    assert "a Matryoshka run trades it for its slices" in capsys.readouterr().out
+    plain = SimpleNamespace(matryoshka_widths=None, allow_worse_than_ptq=False)
+    with pytest.raises(ValueError, match="worse than post-training quantization"):
+        check_not_worse(plain, metrics, tmp_path)
+
+
 def _fake_checkpoint(folder: Path, step: int) -> Path:
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
