@@ -47,7 +47,7 @@ ARCHITECTURES = {
 # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's multiplies by the stored weight, so GGUF holds
 # 1 + weight (transformers' reader subtracts the 1 again). In fp32, (1 + w) - 1 is exact whenever
 # 1 + w lies in [0.5, 2] (Sterbenz), so the reloaded model computes the very same 1 + w.
-NORM_PLUS_ONE = ("gemma2", "gemma3")
+GEMMA = ("gemma2", "gemma3")
 # Config fields transformers' GGUF reader does not take from the file (it keeps the class default):
 # an export whose model differs from the default in one of them is refused (see _check_config_reloads).
 UNREAD_FIELDS = {
@@ -174,7 +174,7 @@ def gguf_tensors(model: nn.Module, arch: str, permute: bool, float_type: str = "
         seen.add(ident)
         heads = _rotary_heads(key, config) if permute else None
         tensor = rotary_permute(tensor, heads) if heads else tensor
-        if arch in NORM_PLUS_ONE and key.endswith("norm.weight"):
+        if arch in GEMMA and key.endswith("norm.weight"):
             tensor = 1.0 + tensor.float()
         tensors.append((_gguf_name(name_map, key), _float_array(tensor, float_type), None))
     for name, layer in layers.items():
@@ -228,7 +228,7 @@ def write_metadata(writer, model: nn.Module, arch: str, name: str, file_type: in
     writer.add_vocab_size(config.vocab_size)
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
-    if arch in ("gemma2", "gemma3"):
+    if arch in GEMMA:
         writer.add_sliding_window(config.sliding_window)
     if arch == "gemma3":
         writer.add_rope_freq_base_swa(_rope_theta(config, "sliding_attention"))
@@ -246,7 +246,7 @@ def _file_type(layers) -> int:
     return gguf.LlamaFileType.MOSTLY_Q8_0
 
 
-def _check_config_reloads(path: Path, model: nn.Module) -> None:
+def _check_config_reloads(path: Path, model: nn.Module, arch: str) -> None:
     """transformers rebuilds the config from GGUF metadata alone: refuse a file it would misread
     (e.g. a Qwen3 head_dim other than the class default, which its reader does not take from the file)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -262,7 +262,7 @@ def _check_config_reloads(path: Path, model: nn.Module) -> None:
     if _head_dim(rebuilt) != _head_dim(model.config):
         raise ValueError(f"transformers' GGUF reader rebuilds head_dim {_head_dim(rebuilt)} where the model has "
                          f"{_head_dim(model.config)}: export compressed-tensors for this model")
-    for field in UNREAD_FIELDS.get(read.get("model_type", "").replace("_text", ""), ()):
+    for field in UNREAD_FIELDS.get(arch, ()):
         if getattr(rebuilt, field, None) != getattr(model.config, field, None):
             raise ValueError(f"transformers' GGUF reader keeps {field}={getattr(rebuilt, field, None)!r} (its default) "
                              f"where the model has {getattr(model.config, field, None)!r}: export compressed-tensors "
@@ -272,7 +272,7 @@ def _check_config_reloads(path: Path, model: nn.Module) -> None:
 def _check_llamacpp_math(arch: str, config) -> None:
     """Refuse a Gemma whose query scaling llama.cpp would not reproduce (it scales by 1/sqrt(head_dim))."""
     scalar = getattr(config, "query_pre_attn_scalar", None)
-    if arch in ("gemma2", "gemma3") and scalar is not None and scalar != _head_dim(config):
+    if arch in GEMMA and scalar is not None and scalar != _head_dim(config):
         raise ValueError(f"query_pre_attn_scalar {scalar} differs from head_dim {_head_dim(config)}, and llama.cpp "
                          "scales queries by 1/sqrt(head_dim): export compressed-tensors for this model")
 
@@ -330,7 +330,7 @@ def export_gguf(
             writer.write_tensors_to_file()
             writer.close()
             shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
-            _check_config_reloads(tmp / GGUF_FILE, model)
+            _check_config_reloads(tmp / GGUF_FILE, model, arch)
             meta = {"format": "gguf", "file": GGUF_FILE, "layers": layer_records(layers), "recipe": recipe,
                     "types": {n: gguf_type_name(layer.spec.bits) for n, layer in layers}, "float_type": float_type}
             (tmp / QAT_CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))

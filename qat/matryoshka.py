@@ -128,8 +128,7 @@ def matryoshka_layers(model: nn.Module):
 def use_width(model: nn.Module, bits: int):
     """Every int8 QuantLinear of ``model`` computes its ``bits``-bit slice inside the block (8: itself)."""
     layers = [m for _, m in matryoshka_layers(model)]
-    frozen = [m for m in layers if m.train_mode == FROZEN]
-    if frozen and bits != BASE_BITS:  # frozen_codes computes s (q0 - z) from the base codes: no slice
+    if bits != BASE_BITS and any(m.train_mode == FROZEN for m in layers):  # s (q0 - z) from the base: no slice
         raise ValueError("a Matryoshka width needs layers in train_mode fake_quant or full_weight; these are in "
                          "frozen_codes, which would compute the int8 model at every width")
     previous = [getattr(m, "slice_bits", None) for m in layers]

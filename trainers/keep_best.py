@@ -48,14 +48,11 @@ class KeepBest(TrainerCallback):
         widths = self.trainer.args.matryoshka_widths
         if not widths:
             return self._score_at_width(model)
-        from qat.matryoshka import use_width
+        from qat.matryoshka import joint_loss
 
-        weights = self.trainer.args.matryoshka_weights or [1.0] * len(widths)
-        total = 0.0
-        for bits, weight in zip(widths, weights):
-            with use_width(model, bits):
-                total += weight * self._score_at_width(model)
-        return total
+        total, _, _ = joint_loss(model, widths, self.trainer.args.matryoshka_weights,
+                                 lambda: (torch.tensor(self._score_at_width(model), dtype=torch.float64), None))
+        return float(total)
 
     @torch.no_grad()
     def _score_at_width(self, model) -> float:

@@ -128,8 +128,7 @@ def read_yaml(text: str, where: str):
 # when the recipe is read (TrainingArguments would fail later with a TypeError deep inside).
 _SCALAR_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,)}
 # An example value that reads right for the key (a learning rate's example is no bit width).
-_EXAMPLES = {"bits": 4, "storage_bits": 8, "act_bits": 8, "group_size": 32, "rank": 16, "lora_r": 16,
-             "distill_weight": 0.5, "max_steps": 300, "matryoshka_width": 4}
+_EXAMPLES = {"bits": 4, "storage_bits": 8, "act_bits": 8, "group_size": 32, "distill_weight": 0.5, "max_steps": 300}
 
 
 def check_value_type(key: str, value, where: str) -> None:

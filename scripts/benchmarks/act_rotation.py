@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # testbed.py, a sibling
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "scripts" / "recipes" / "w4a8.yaml"
 # (label, weight bits, weight group (None: per channel), activation bits)
@@ -141,7 +142,6 @@ def main() -> int:
             print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
     trained = [] if ns.skip_qat else [f for f in FORMATS if f[0] in ns.qat_formats.split(",")]
     if trained:  # the jobs pick their state (keep_best) on held-out text the table does not score
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from testbed import dev_file
 
         dev = dev_file(model_dir, work, ns.eval_blocks)

@@ -39,7 +39,8 @@ SLICED = ("matryoshka", "int8")
 WIDTHS = (8, 4, 2)
 
 
-def job_argv(bench: str, ns, model_dir: Path, out: Path) -> list[str]:
+def job_argv(bench: str, ns, model_dir: Path, out: Path, dev: Path | None = None) -> list[str]:
+    """The job's arguments; ``dev`` (testbed) is its keep_best split (testbed.dev_file)."""
     common = ["--max_steps", str(ns.max_steps), "--per_device_train_batch_size", str(ns.batch),
               "--gradient_accumulation_steps", "1", "--learning_rate", str(ns.lr),
               "--step_learning_rate", str(ns.step_lr), "--warmup_steps", str(max(ns.max_steps // 10, 1)),
@@ -52,7 +53,7 @@ def job_argv(bench: str, ns, model_dir: Path, out: Path) -> list[str]:
         return ["--config", str(REPO / "scripts/recipes/encoder_distill.yaml"), "--max_eval_samples", "64",
                 "--train_sampling_strategy", "random", "--train_mode", "fake_quant", "--adapter", "lora", *common]
     return ["--config", str(REPO / "scripts/recipes/causal_lm_cpt.yaml"), "--model_name_or_path", str(model_dir),
-            "--dataset", str(model_dir / "train.jsonl"), "--eval_dataset", str(ns.dev_file),
+            "--dataset", str(model_dir / "train.jsonl"), "--eval_dataset", str(dev),
             "--max_eval_samples", "16", "--max_length", str(ns.block), "--distill_weight", "1.0", *common]
 
 
@@ -131,10 +132,11 @@ def run(ns) -> dict:
 
         model_dir = Path(ns.model_dir) if ns.model_dir else testbed_model()
     score = Scorer(ns.bench, model_dir, ns.max_blocks, ns.test_sentences)
+    dev = None
     if ns.bench == "testbed":
         from testbed import dev_file
 
-        ns.dev_file = dev_file(model_dir, work, ns.max_blocks)
+        dev = dev_file(model_dir, work, ns.max_blocks)
     result = {"bench": ns.bench, "model_dir": str(model_dir), "float": score(model_dir), "runs": {}, "rows": {}}
     print(f"float: {result['float']}", flush=True)
     rtn = rtn_int8(model_dir, ns.bench, work / "rtn_int8")
@@ -142,7 +144,7 @@ def run(ns) -> dict:
     print(f"rtn int8 sliced: {result['rows']['rtn int8, sliced']}", flush=True)
     for name in ns.runs:
         t0 = time.time()
-        args = build_arguments(job_argv(ns.bench, ns, model_dir, work / name) + RUNS[name])
+        args = build_arguments(job_argv(ns.bench, ns, model_dir, work / name, dev) + RUNS[name])
         metrics = run_job(args)
         export_dir = Path(metrics["export_dir"])
         result["runs"][name] = {"wall_s": time.time() - t0, "train_s": metrics["train_runtime_s"],

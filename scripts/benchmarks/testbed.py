@@ -63,29 +63,29 @@ def testbed_model(cache_dir: Path | str = CACHE, **changes) -> Path:
     return folder
 
 
-def heldout_blocks(folder: Path | str, max_blocks: int | None = None) -> torch.Tensor:
-    """The held-out documents, tokenised, EOS-joined and cut into [n, block] as in pretraining."""
+def _packed(folder: Path, lines: list[str]) -> torch.Tensor:
+    """jsonl ``lines`` of ``folder``'s documents, tokenised, EOS-joined and cut into [n, block] as in
+    pretraining."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    texts = [json.loads(line)["text"] for line in open(folder / "heldout.jsonl")]
     block = json.loads((folder / "pretrain_log.json").read_text())["settings"]["block"]
-    blocks = pack_blocks(tokenizer, texts, block)
-    return blocks[:max_blocks]
+    return pack_blocks(AutoTokenizer.from_pretrained(folder), [json.loads(x)["text"] for x in lines], block)
+
+
+def heldout_blocks(folder: Path | str, max_blocks: int | None = None) -> torch.Tensor:
+    """The held-out documents as [n, block] (see _packed), the first ``max_blocks`` of them."""
+    folder = Path(folder)
+    return _packed(folder, (folder / "heldout.jsonl").read_text().splitlines())[:max_blocks]
 
 
 def dev_file(folder: Path | str, out_dir: Path | str, scored_blocks: int) -> Path:
     """``out_dir/dev.jsonl``: the second half of the held-out documents, for the jobs' dev split
     (keep_best), disjoint from the text the benchmarks report on: they score the first ``scored_blocks``
     held-out blocks, which must lie inside the first half (checked)."""
-    from transformers import AutoTokenizer
-
     folder, out_dir = Path(folder), Path(out_dir)
-    lines = open(folder / "heldout.jsonl").read().splitlines()
+    lines = (folder / "heldout.jsonl").read_text().splitlines()
     half = len(lines) // 2
-    block = json.loads((folder / "pretrain_log.json").read_text())["settings"]["block"]
-    first = pack_blocks(AutoTokenizer.from_pretrained(folder), [json.loads(x)["text"] for x in lines[:half]], block)
+    first = _packed(folder, lines[:half])
     if len(first) < scored_blocks:
         raise ValueError(f"the first half of the held-out documents holds {len(first)} blocks, fewer than the "
                          f"{scored_blocks} scored: score fewer blocks")

@@ -45,14 +45,18 @@ def train(model, opt, data, steps: int) -> float:
     return loss.item()
 
 
-ARCHS = ("llama", "gemma2", "gemma3")
+# arch -> (model class, config class, settings beyond the shared ones); Gemma keeps head_dim and
+# query_pre_attn_scalar at 256, the values GGUF readers assume (see qat.gguf_export)
+_GEMMA = dict(head_dim=256, query_pre_attn_scalar=256)
+ARCHITECTURES = {"llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+                 "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", _GEMMA),
+                 "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", _GEMMA)}
+ARCHS = tuple(ARCHITECTURES)
 
 
 def float_model(folder: Path, steps: int, hidden: int = 128, heads: int = 4, arch: str = "llama"):
     """(model, tokenizer, data [n, length]) after ``steps`` float Adam steps; saved in ``folder``.
-
-    ``arch`` gemma2 / gemma3 builds the same-sized Gemma with head_dim and query_pre_attn_scalar 256
-    (the values GGUF readers assume; see qat.gguf_export)."""
+    ``arch``: one of ARCHITECTURES, the same size whichever."""
     import torch
     import transformers
 
@@ -62,14 +66,8 @@ def float_model(folder: Path, steps: int, hidden: int = 128, heads: int = 4, arc
     common = dict(vocab_size=416, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
                   num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=128,
                   bos_token_id=0, eos_token_id=1)
-    if arch == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    elif arch == "gemma2":
-        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=256,
-                                                                         query_pre_attn_scalar=256))
-    else:
-        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common, head_dim=256,
-                                                                             query_pre_attn_scalar=256))
+    model_cls, config_cls, extra = ARCHITECTURES[arch]
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common, **extra))
     ids = [tok(t).input_ids for t in texts]
     length = min(len(x) for x in ids)
     data = torch.tensor([x[:length] for x in ids])
