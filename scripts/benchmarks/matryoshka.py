@@ -144,7 +144,8 @@ def run(ns) -> dict:
     print(f"rtn int8 sliced: {result['rows']['rtn int8, sliced']}", flush=True)
     for name in ns.runs:
         t0 = time.time()
-        args = build_arguments(job_argv(ns.bench, ns, model_dir, work / name, dev) + RUNS[name])
+        extra = ["--matryoshka_weights", ns.weights] if name == "matryoshka" and ns.weights else []
+        args = build_arguments(job_argv(ns.bench, ns, model_dir, work / name, dev) + RUNS[name] + extra)
         metrics = run_job(args)
         export_dir = Path(metrics["export_dir"])
         result["runs"][name] = {"wall_s": time.time() - t0, "train_s": metrics["train_runtime_s"],
@@ -155,7 +156,8 @@ def run(ns) -> dict:
         else:
             result["rows"][f"{name} alone"] = {int(name[3:]): score(export_dir)}
         print(f"{name}: {result['rows']} ({time.time() - t0:.0f} s)", flush=True)
-    result["settings"] = {k: getattr(ns, k) for k in ("max_steps", "batch", "lr", "step_lr", "block", "max_blocks")}
+    result["settings"] = {k: getattr(ns, k) for k in ("max_steps", "batch", "lr", "step_lr", "weights", "block",
+                                                         "max_blocks")}
     return result
 
 
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     parser.add_argument("--step_lr", type=float, default=1e-4, help="step (LSQ) learning rate")
+    parser.add_argument("--weights", default=None, help="the Matryoshka run's matryoshka_weights, one per width "
+                        "of [8, 4, 2], e.g. '[100, 10, 1]' (default: equal)")
     parser.add_argument("--block", type=int, default=128, help="testbed: tokens per training block")
     parser.add_argument("--max_blocks", type=int, default=256, help="testbed: held-out blocks scored")
     parser.add_argument("--test_sentences", type=int, default=512, help="minilm: out-of-domain sentences scored")

@@ -45,7 +45,8 @@ from quality_report import report  # noqa: E402
 
 from qat.corpus import corpus_info, corpus_sentences, ood_test_sentences  # noqa: E402
 
-BITS = (4, 3, 2)
+BITS = (4, 3, 2)  # the default run
+WIDTHS = (4, 3, 2, 1.58)  # what --bits accepts: 1.58 is ternary {-1, 0, 1} * s (qat's `bits: 1.58`)
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*"  # the encoder's linears; the unused pooler stays float
 # qat's rows: {name: overrides of qat.trainers.recipes.DEFAULT_RECIPE}. Another branch's method is one
 # more entry here (or --recipe NAME=JSON); its family (pure / float adapters) is read from its recipe.
@@ -271,9 +272,16 @@ def run_protocol(a, workdir: Path) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------------------- command line
+def width(text: str):
+    """'4' -> 4, '1.58' -> 1.58: integer widths stay ints so row names and folders read W4, not W4.0."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", nargs="+", type=int, default=list(BITS), choices=list(BITS))
+    p.add_argument("--bits", nargs="+", type=width, default=list(BITS), choices=list(WIDTHS),
+                   help="widths to run: 4 3 2, or 1.58 for ternary (default 4 3 2)")
     p.add_argument("--methods", nargs="+", default=None, help="rows (default: every qat recipe and baseline)")
     p.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
                    help="one more qat row: a name and recipe overrides as JSON")

@@ -58,6 +58,8 @@ def llmc_model(bench, bits: int, method: str, config: dict, out: Path):
     """Run llm-compressor in its venv on the float model (calibration: the train split), reload here."""
     from transformers import AutoModel
 
+    if not float(bits).is_integer():
+        raise NotRun("llm-compressor has no ternary scheme (its int schemes are 2-8 bit)")
     python = llmc_python(bench.a.llmc_venv)
     if not python.exists():
         if not bench.a.build_llmc:
@@ -114,6 +116,8 @@ def torchao_model(bench, bits: int, config: dict, out: Path):
     from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
     from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
 
+    if not float(bits).is_integer():
+        raise NotRun("torchao's IntxFakeQuantizeConfig has no ternary dtype")
     dtype = getattr(torch, f"int{bits}")
     is_encoder_linear = lambda m, fqn: isinstance(m, torch.nn.Linear) and ".encoder.layer." in f".{fqn}."  # noqa: E731
     model = bench.fresh_float()

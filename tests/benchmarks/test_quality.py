@@ -142,3 +142,18 @@ def test_added_recipe_is_a_row_with_its_family():
 
     lrs = {k: DEFAULT_RECIPE[k] for k in ("learning_rate", "step_learning_rate")}
     assert table["qat_default"].grid[0] == lrs  # the first setting tried is the default's own
+
+
+def test_ternary_width_parses_and_tools_without_it_say_so(tmp_path):
+    """--bits 1.58 is qat's ternary grid (rows named W1.58, integer widths stay W4); llm-compressor and
+    torchao have no ternary scheme, so their rows say why instead of failing."""
+    script = _load_script()
+    a = script.parse(["--quick", "--bits", "1.58", "4", "--llmc_venv", str(tmp_path / "none"), "--no_build_llmc"])
+    assert a.bits == [1.58, 4] and isinstance(a.bits[1], int)
+    bench = type("Bench", (), {"a": a})()
+    for build in (lambda: script.llmc_model(bench, 1.58, "gptq", {}, tmp_path / "x"),
+                  lambda: script.torchao_model(bench, 1.58, {}, tmp_path / "y")):
+        with pytest.raises(script.NotRun, match="no ternary"):
+            build()
+    with pytest.raises(SystemExit):
+        script.parse(["--bits", "5"])

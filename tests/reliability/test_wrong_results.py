@@ -105,20 +105,43 @@ def test_worse_than_post_training_tolerates_noise_only():
     assert worse_than_post_training(loss) is not None
 
 
-def test_a_matryoshka_run_may_trade_its_int8_model_for_its_slices(tmp_path, capsys):
-    """The report rows score the int8 model alone; a Matryoshka run is not refused for making it worse
-    (keep_best guards its joint objective), any other run is."""
-    from types import SimpleNamespace
-
+def test_a_matryoshka_run_is_judged_on_its_weighted_widths(tmp_path):
+    """A Matryoshka run may trade its int8 model for its slices (the run's "qat" row is the int8 export),
+    but not make the weighted mean of its widths worse; a plain run is judged on its "qat" row."""
     from qat.trainers.run import check_not_worse
 
-    metrics = {"rows": {"float": {"cosine": 1.0}, "post-training": {"cosine": 0.9999}, "qat": {"cosine": 0.9586}}}
+    rows = {"float": {"cosine": 1.0}, "post-training": {"cosine": 0.9999}, "qat": {"cosine": 0.9586},
+            "post-training, weighted widths": {"cosine": 0.80}, "qat, weighted widths": {"cosine": 0.85}}
     matryoshka = SimpleNamespace(matryoshka_widths=[8, 4, 2], allow_worse_than_ptq=False)
-    check_not_worse(matryoshka, metrics, tmp_path)
-    assert "a Matryoshka run trades it for its slices" in capsys.readouterr().out
+    check_not_worse(matryoshka, {"rows": rows}, tmp_path)  # int8 paid, the whole gained: accepted
     plain = SimpleNamespace(matryoshka_widths=None, allow_worse_than_ptq=False)
-    with pytest.raises(ValueError, match="worse than post-training quantization"):
-        check_not_worse(plain, metrics, tmp_path)
+    with pytest.raises(ValueError, match="the trained model is worse than post-training quantization"):
+        check_not_worse(plain, {"rows": rows}, tmp_path)
+    rows["qat, weighted widths"]["cosine"] = 0.70  # the whole got worse: refused, naming what was judged
+    with pytest.raises(ValueError, match="the weighted mean of the Matryoshka widths is worse .*cosine 0.7000"):
+        check_not_worse(matryoshka, {"rows": rows}, tmp_path)
+
+
+def test_a_matryoshka_report_has_each_width_and_their_weighted_mean(tiny_bert, tmp_path, capsys):
+    """The job's rows score every width before and after training, and the weighted row is the
+    matryoshka_weights mean of them; its int8 row is the in-memory twin of the reloaded "qat" row."""
+    data = text_file(tmp_path / "corpus.txt")
+    argv = ["train", "--model_name_or_path", str(tiny_bert), "--dataset", str(data), "--max_steps", "2",
+            "--max_eval_samples", "16", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+            "--disable_tqdm", "true", "--max_length", "32", "--bits", "8", "--storage_bits", "8",
+            "--train_mode", "fake_quant", "--adapter", "lora", "--quant_init", "rtn",
+            "--matryoshka_widths", "[8, 4, 2]", "--matryoshka_weights", "[1, 2, 5]", "--allow_worse_than_ptq", "true",
+            "--output_dir", str(tmp_path / "m")]
+    code, err = run_in_process(argv, capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "m" / "metrics.json").read_text())["rows"]
+    for label in ("post-training", "qat"):
+        per = [rows[f"{label} int{b}"]["cosine"] for b in (8, 4, 2)]
+        assert per[0] > per[2]  # the widths are different models (int2 of a random BERT is far off)
+        mean = (1 * per[0] + 2 * per[1] + 5 * per[2]) / 8
+        assert rows[f"{label}, weighted widths"]["cosine"] == pytest.approx(mean, abs=1e-12)  # float64 sum
+    assert rows["post-training int8"] == rows["post-training"]  # the same model, measured twice
+    assert rows["qat int8"]["cosine"] == pytest.approx(rows["qat"]["cosine"], abs=1e-4)  # reload: fp32 rounding
 
 
 def _fake_checkpoint(folder: Path, step: int) -> Path:
