@@ -114,6 +114,10 @@ class QATArguments(TrainingArguments):
         "Mistral); unset: no rotation."})
     step_learning_rate: float | None = field(default=None, metadata={"help":
         "The learning rate of the steps; unset means learning_rate."})
+    step_lr_relative: bool = field(default=False, metadata={"help":
+        "Read step_learning_rate as a fraction of each layer's mean step (one optimizer group per layer, "
+        "lr = step_learning_rate * mean |s| at the start), so one setting moves int8 and int2 steps alike: an "
+        "absolute 1e-4 is ~1% of an int4 step a update but ~10% of an int8 one. Not under FSDP / DeepSpeed."})
     zero_point_learning_rate: float | None = field(default=None, metadata={"help":
         "The learning rate of the zero points; unset means step_learning_rate."})
     fake_quant_start_step: int = field(default=0, metadata={"help":
@@ -245,6 +249,9 @@ class QATArguments(TrainingArguments):
             raise ValueError(f"blockwise_target={self.blockwise_target!r}: use 'float' or 'quantized'")
         if self.quantized_grads not in (None, "int8", "int4"):
             raise ValueError(f"quantized_grads={self.quantized_grads!r}: use null, 'int8' or 'int4'")
+        if self.step_lr_relative and (self.fsdp or self.deepspeed):
+            raise ValueError("step_lr_relative sizes each layer's step learning rate from its whole step tensor, "
+                             "which FSDP / DeepSpeed shard before the optimizer exists: drop step_lr_relative there")
         check_data_parallel(self)
         self.quant_config()  # validates bits / group / overrides now, before any model is loaded
         from qat.rotation import check_rotation

@@ -2,7 +2,8 @@
 
 What changes from the Trainer, and only that (everything else - gradient accumulation, evaluation,
 report_to, callbacks, resume_from_checkpoint - is the Trainer's own):
-  create_optimizer    param groups: adapters (lr, weight decay), steps (step_learning_rate, no decay),
+  create_optimizer    param groups: adapters (lr, weight decay), steps (step_learning_rate, no decay;
+                      step_lr_relative: one group per layer, relative to its mean step),
                       zero points (zero_point_learning_rate, no decay), anything else trainable
   compute_loss        task loss, distillation from a frozen teacher, or their mix; stops on a NaN
   training_step       `optim: zo` replaces backward + optimizer with an SPSA step (seed trick)
@@ -108,8 +109,12 @@ def parameter_groups(model: torch.nn.Module, args) -> list[dict]:
             roles[parameter_role(name)].append(p)
     settings = {"adapters": (lr, args.weight_decay), "steps": (step_lr, 0.0),
                 "zero_points": (zp_lr, 0.0), "master_weights": (lr, args.weight_decay), "other": (lr, args.weight_decay)}
+    relative = getattr(args, "step_lr_relative", False)  # plain TrainingArguments (benchmarks) have none
     groups = [{"name": role, "params": ps, "lr": settings[role][0], "weight_decay": settings[role][1]}
-              for role, ps in roles.items() if ps]
+              for role, ps in roles.items() if ps and not (relative and role == "steps")]
+    if relative:  # one group per step tensor: Adam moves each by ~lr a step, so lr = fraction * its mean step
+        groups += [{"name": "steps", "params": [p], "lr": step_lr * float(p.detach().abs().mean()),
+                    "weight_decay": 0.0} for p in roles["steps"]]
     if not groups:
         raise ValueError("nothing to train: attach an adapter (adapter: lora | wht) or set learn_scale: true")
     return groups

@@ -46,7 +46,9 @@ def job_argv(bench: str, ns, model_dir: Path, out: Path, dev: Path | None = None
               "--step_learning_rate", str(ns.step_lr), "--warmup_steps", str(max(ns.max_steps // 10, 1)),
               "--group_size", "32", "--quant_init", "rtn", "--seed", "0", "--eval_strategy", "no",
               "--save_strategy", "no", "--logging_steps", str(max(ns.max_steps // 5, 1)), "--disable_tqdm", "true",
-              "--report_to", "none", "--output_dir", str(out), "--overwrite_output", "true"]
+              "--report_to", "none", "--output_dir", str(out), "--overwrite_output", "true",
+              *(["--keep_best_steps", str(ns.keep_best_steps)] if ns.keep_best_steps else []),
+              *(["--step_lr_relative", "true"] if ns.step_lr_relative else [])]
     if bench == "minilm":
         # the recipe's default trains steps on frozen GPTQ codes; Matryoshka moves codes, so every row here
         # trains an inside LoRA with re-rounding (fake_quant) from RTN codes, as on the testbed
@@ -156,8 +158,8 @@ def run(ns) -> dict:
         else:
             result["rows"][f"{name} alone"] = {int(name[3:]): score(export_dir)}
         print(f"{name}: {result['rows']} ({time.time() - t0:.0f} s)", flush=True)
-    result["settings"] = {k: getattr(ns, k) for k in ("max_steps", "batch", "lr", "step_lr", "weights", "block",
-                                                         "max_blocks")}
+    names = ("max_steps", "batch", "lr", "step_lr", "weights", "keep_best_steps", "step_lr_relative", "block", "max_blocks")
+    result["settings"] = {k: getattr(ns, k) for k in names}
     return result
 
 
@@ -171,6 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--step_lr", type=float, default=1e-4, help="step (LSQ) learning rate")
     parser.add_argument("--weights", default=None, help="the Matryoshka run's matryoshka_weights, one per width "
                         "of [8, 4, 2], e.g. '[100, 10, 1]' (default: equal)")
+    parser.add_argument("--step_lr_relative", action="store_true", help="--step_lr is a fraction of each "
+                        "layer's mean step (the job's step_lr_relative), the same for every width")
+    parser.add_argument("--keep_best_steps", type=int, default=None,
+                        help="score dev every N steps (default: the job's, 50)")
     parser.add_argument("--block", type=int, default=128, help="testbed: tokens per training block")
     parser.add_argument("--max_blocks", type=int, default=256, help="testbed: held-out blocks scored")
     parser.add_argument("--test_sentences", type=int, default=512, help="minilm: out-of-domain sentences scored")

@@ -52,6 +52,36 @@ def test_parameter_groups_split_by_role(tmp_path):
     assert len(groups["adapters"]["params"]) == 2 * len(layers)  # lora_A, lora_B
 
 
+@pytest.mark.parametrize("bits", [8, 2])
+def test_relative_step_lr_moves_every_layer_by_the_same_fraction_of_its_step(tmp_path, bits):
+    """step_lr_relative: one group per step tensor with lr = fraction * mean |s|. Adam's first update is
+    lr * sign(grad) per element, so each layer's steps move by exactly its lr, the fraction of its mean
+    step, at int8 (steps ~64x smaller) as at int2. Absolute (the default) would move both by 1e-3."""
+    args = _args(tmp_path, bits=bits, storage_bits=8, step_lr_relative=True, step_learning_rate=1e-3,
+                 adapter="none")
+    model = prepare_model(args, tiny_llama(), None)
+    groups = parameter_groups(model, args)
+    steps = [g for g in groups if g["name"] == "steps"]
+    assert len(steps) == sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    before = [g["params"][0].detach().clone() for g in steps]
+    for g, s0 in zip(steps, before):
+        assert g["lr"] == pytest.approx(1e-3 * s0.abs().mean().item(), rel=1e-6)
+    optimizer = torch.optim.Adam(groups, eps=1e-30)  # eps negligible: the update is lr * sign(grad)
+    batch = _data(n=4)[:]
+    model(**{k: torch.tensor(v) for k, v in batch.items()}).loss.backward()
+    optimizer.step()
+    for g, s0 in zip(steps, before):
+        p = g["params"][0]
+        moved = (p.detach() - s0).abs()[p.grad != 0]
+        assert moved.numel() > 0
+        assert torch.allclose(moved, torch.full_like(moved, g["lr"]), rtol=1e-3)  # fp32 s + lr rounding
+
+
+def test_relative_step_lr_is_refused_where_steps_are_sharded(tmp_path):
+    with pytest.raises(ValueError, match="step_lr_relative sizes each layer's step learning rate"):
+        _args(tmp_path, step_lr_relative=True, fsdp="full_shard")
+
+
 def test_first_order_training_lowers_the_loss(tmp_path):
     trainer = _trainer(_args(tmp_path, max_steps=30, save_steps=100, learning_rate=1e-2))
     trainer.train()
