@@ -158,7 +158,8 @@ def run(ns) -> dict:
         else:
             result["rows"][f"{name} alone"] = {int(name[3:]): score(export_dir)}
         print(f"{name}: {result['rows']} ({time.time() - t0:.0f} s)", flush=True)
-    names = ("max_steps", "batch", "lr", "step_lr", "weights", "keep_best_steps", "step_lr_relative", "block", "max_blocks")
+    names = ("max_steps", "batch", "lr", "step_lr", "weights", "keep_best_steps", "step_lr_relative", "block",
+             "max_blocks")
     result["settings"] = {k: getattr(ns, k) for k in names}
     return result
 
