@@ -13,6 +13,7 @@ then writes the int4 and int2 slices of the two int8 checkpoints with ``qat expo
 an untrained RTN int8 model), reloads every export with transformers and scores it.
 
     HF_HUB_OFFLINE=1 python scripts/benchmarks/matryoshka.py --bench minilm --max_steps 40
+    HF_HUB_OFFLINE=1 python scripts/benchmarks/matryoshka.py --bench minilm --lr 1e-3 1e-4 --step_lr 1e-3 --step_lr_relative
     HF_HUB_OFFLINE=1 python scripts/benchmarks/matryoshka.py --bench testbed --max_steps 60
 """
 
@@ -39,10 +40,11 @@ SLICED = ("matryoshka", "int8")
 WIDTHS = (8, 4, 2)
 
 
-def job_argv(bench: str, ns, model_dir: Path, out: Path, dev: Path | None = None) -> list[str]:
-    """The job's arguments; ``dev`` (testbed) is its keep_best split (testbed.dev_file)."""
+def job_argv(bench: str, ns, model_dir: Path, out: Path, dev: Path | None = None, lr: float = 1e-3) -> list[str]:
+    """The job's arguments at LoRA learning rate ``lr``; ``dev`` (testbed) is its keep_best split
+    (testbed.dev_file)."""
     common = ["--max_steps", str(ns.max_steps), "--per_device_train_batch_size", str(ns.batch),
-              "--gradient_accumulation_steps", "1", "--learning_rate", str(ns.lr),
+              "--gradient_accumulation_steps", "1", "--learning_rate", str(lr),
               "--step_learning_rate", str(ns.step_lr), "--warmup_steps", str(max(ns.max_steps // 10, 1)),
               "--group_size", "32", "--quant_init", "rtn", "--seed", "0", "--eval_strategy", "no",
               "--save_strategy", "no", "--logging_steps", str(max(ns.max_steps // 5, 1)), "--disable_tqdm", "true",
@@ -147,11 +149,18 @@ def run(ns) -> dict:
     for name in ns.runs:
         t0 = time.time()
         extra = ["--matryoshka_weights", ns.weights] if name == "matryoshka" and ns.weights else []
-        args = build_arguments(job_argv(ns.bench, ns, model_dir, work / name, dev) + RUNS[name] + extra)
-        metrics = run_job(args)
+        tried = {}  # lr -> the job's metrics; the run keeps the lr of the best keep_best dev score
+        for lr in ns.lr:
+            out = work / (name if len(ns.lr) == 1 else f"{name}_lr{lr:g}")
+            tried[lr] = run_job(build_arguments(job_argv(ns.bench, ns, model_dir, out, dev, lr) + RUNS[name] + extra))
+        lr = min(tried, key=lambda k: tried[k]["keep_best"]["best_dev_score"])
+        metrics = tried[lr]
         export_dir = Path(metrics["export_dir"])
         result["runs"][name] = {"wall_s": time.time() - t0, "train_s": metrics["train_runtime_s"],
-                                "steps": metrics["steps"], "export_max_abs_diff": metrics["export_max_abs_diff"]}
+                                "steps": metrics["steps"], "export_max_abs_diff": metrics["export_max_abs_diff"],
+                                "lr": lr, "dev_score": {f"{k:g}": m["keep_best"]["best_dev_score"]
+                                                        for k, m in tried.items()},
+                                "kept_step": metrics["keep_best"]["best_step"]}
         if name in SLICED:
             row = {b: score(sliced(export_dir, b, work / f"{name}_w{b}")) for b in WIDTHS}
             result["rows"][f"{name}, sliced" if name == "int8" else name] = row
@@ -170,7 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--max_steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-3], help="LoRA learning rate(s): with several, "
+                        "each run tries every one and keeps the best keep_best dev score (the test split is read "
+                        "only for the kept one)")
     parser.add_argument("--step_lr", type=float, default=1e-4, help="step (LSQ) learning rate")
     parser.add_argument("--weights", default=None, help="the Matryoshka run's matryoshka_weights, one per width "
                         "of [8, 4, 2], e.g. '[100, 10, 1]' (default: equal)")
