@@ -18,6 +18,7 @@ LABELS = {
     "qat_default": default_recipe_label(),
     "qat_gptq": "qat GPTQ init alone (`qat quantize --init gptq --act-order`), no training",
     "qat_lora_outside": "qat LoRA outside (act-LoftQ init)",
+    "qat_rel": "qat default recipe with relative step learning rates (`step_lr_relative`, 0.5% per update)",
     "llmc_gptq": "llm-compressor GPTQ", "llmc_rtn": "llm-compressor RTN",
     "qlora_nf4": "peft + bitsandbytes QLoRA, merged to NF4", "torchao": "torchao QAT + peft LoRA, converted",
 }
