@@ -117,7 +117,7 @@ class QATArguments(TrainingArguments):
     step_lr_relative: bool = field(default=False, metadata={"help":
         "Read step_learning_rate as a fraction of each layer's mean step (one optimizer group per layer, "
         "lr = step_learning_rate * mean |s| at the start), so one setting moves int8 and int2 steps alike: an "
-        "absolute 1e-4 is ~1% of an int4 step a update but ~10% of an int8 one. Not under FSDP / DeepSpeed."})
+        "absolute 1e-4 is ~0.5% of an int4 step per update but ~8% of an int8 one. Not under FSDP / DeepSpeed."})
     zero_point_learning_rate: float | None = field(default=None, metadata={"help":
         "The learning rate of the zero points; unset means step_learning_rate."})
     fake_quant_start_step: int = field(default=0, metadata={"help":
