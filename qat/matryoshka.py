@@ -141,13 +141,18 @@ def use_width(model: nn.Module, bits: int):
             m.slice_bits = prev
 
 
+def width_weights(widths: Sequence[int], weights: Sequence[float] | None) -> list[float]:
+    """The widths' loss weights: ``matryoshka_weights`` as given, or 1 each when unset."""
+    return [1.0] * len(widths) if weights is None else list(weights)
+
+
 def joint_loss(model: nn.Module, widths: Sequence[int], weights: Sequence[float] | None,
                loss_at_width: Callable[[], tuple[torch.Tensor, object]]) -> tuple[torch.Tensor, object, dict]:
     """sum_r weight_r * loss_r, loss_r = ``loss_at_width()`` run with the model at width r.
 
     Returns (joint loss, the widest width's outputs, {width: loss_r detached}). Weights default to 1.
     """
-    weights = [1.0] * len(widths) if weights is None else list(weights)
+    weights = width_weights(widths, weights)
     total, outputs, per_width = None, None, {}
     for bits, weight in zip(widths, weights):
         with use_width(model, bits):

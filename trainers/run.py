@@ -22,6 +22,7 @@ from qat import safety
 from qat.export import _is_export_file
 from qat.safety import LOCK_FILE, OutputLock, check_model_folder
 from qat.act_quant import compressed_tensors_steps, init_static_steps
+from qat.matryoshka import BASE_BITS
 from qat.trainers.arguments import QATArguments
 
 MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification",
@@ -464,18 +465,22 @@ def check_not_worse(args: QATArguments, metrics: dict, export_dir) -> None:
 WEIGHTED = ", weighted widths"  # the suffix of a Matryoshka run's weighted-mean rows
 
 
-def width_rows(args: QATArguments, model, label: str, measure) -> dict:
+def width_rows(args: QATArguments, model, label: str, measure, measured: dict | None = None) -> dict:
     """A Matryoshka run's rows: ``measure()`` with the model at each width ("qat int4", ...) and their
     mean weighted by matryoshka_weights ("qat, weighted widths"): the objective it trains and keep_best
-    guards. Perplexity there is exp(weighted mean loss), not a mean of perplexities."""
-    from qat.matryoshka import use_width
+    guards. ``measured`` {width: row} holds widths already measured on this very model (not measured
+    again). Perplexity there is exp(weighted mean loss), not a mean of perplexities."""
+    from qat.matryoshka import use_width, width_weights
 
     if not args.matryoshka_widths:
         return {}
     widths = list(args.matryoshka_widths)
-    weights = list(args.matryoshka_weights or [1.0] * len(widths))
+    weights = width_weights(widths, args.matryoshka_weights)
     rows = {}
     for bits in widths:
+        if bits in (measured or {}):
+            rows[f"{label} int{bits}"] = measured[bits]
+            continue
         with use_width(model, bits):
             rows[f"{label} int{bits}"] = measure()
     per = [rows[f"{label} int{b}"] for b in widths]
@@ -517,8 +522,9 @@ def _run(args: QATArguments, export_dir: Path) -> dict:
     init_static_steps(model, {k: v.to(model.device) for k, v in collate(  # from training data, not held-out
         [train_ds[i] for i in range(min(args.per_device_train_batch_size, len(train_ds)))]).items() if k != "labels"})
     rows["post-training"] = evaluate(args, model, tokenizer, eval_ds, texts, collate, float_emb)
-    rows.update(width_rows(args, model, "post-training",
-                           lambda: evaluate(args, model, tokenizer, eval_ds, texts, collate, float_emb)))
+    rows.update(width_rows(args, model, "post-training",  # its int8 model is the row just measured
+                           lambda: evaluate(args, model, tokenizer, eval_ds, texts, collate, float_emb),
+                           measured={BASE_BITS: rows["post-training"]}))
     attach_adapters(args, model, calibration)
     if args.blockwise_steps:
         rows["blockwise"] = blockwise_stage(args, model, float_model, train_ds, tokenizer, eval_ds, texts, collate,
