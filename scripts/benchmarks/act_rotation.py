@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,9 @@ FORMATS = [("W8A8", 8, None, 8), ("W4A8", 4, 32, 8), ("W4A4", 4, 32, 4)]
 
 
 def job_argv(model_dir: Path, block: int, out: Path, rotate: bool, steps: int, batch: int, eval_blocks: int,
-             fmt: tuple = FORMATS[1], dev: Path | None = None) -> list[str]:
+             fmt: tuple = FORMATS[1], dev: Path | None = None, extra: list[str] = ()) -> list[str]:
     """The QAT job's arguments; ``dev`` is its keep_best split (testbed.dev_file), the held-out file when
-    unset (only to read the scored blocks)."""
+    unset (only to read the scored blocks); ``extra`` (``--KEY VALUE ...``) overrides the recipe last."""
     _, bits, group, act_bits = fmt  # the W4A8 recipe, with this format's widths
     argv = ["--config", str(RECIPE), "--bits", str(bits), "--group_size", str(group or -1),
             "--act_bits", str(act_bits), "--model_name_or_path", str(model_dir),
@@ -50,7 +51,7 @@ def job_argv(model_dir: Path, block: int, out: Path, rotate: bool, steps: int, b
             "--output_dir", str(out), "--overwrite_output", "true", "--report_to", "none"]
     if not rotate:
         argv += ["--rotate", "null"]
-    return argv
+    return argv + list(extra)
 
 
 def perplexity(model, eval_ds, collate) -> float:
@@ -79,14 +80,14 @@ def ptq_row(model_dir: Path, work: Path, label: str, bits: int, group, act_bits:
 
 
 def qat_row(model_dir: Path, block: int, work: Path, rotate: bool, steps: int, batch: int, eval_blocks: int,
-            eval_ds, collate, fmt: tuple = FORMATS[1], dev: Path | None = None) -> dict:
+            eval_ds, collate, fmt: tuple = FORMATS[1], dev: Path | None = None, extra: list[str] = ()) -> dict:
     import transformers
 
     from qat.trainers.recipes import build_arguments
     from qat.trainers.run import run
 
     args = build_arguments(job_argv(model_dir, block, work / f"qat_{fmt[0].lower()}{'_rot' if rotate else ''}", rotate,
-                                    steps, batch, eval_blocks, fmt, dev))
+                                    steps, batch, eval_blocks, fmt, dev, extra))
     t0 = time.time()
     metrics = run(args)
     wall = time.time() - t0
@@ -95,7 +96,9 @@ def qat_row(model_dir: Path, block: int, work: Path, rotate: bool, steps: int, b
     return {"perplexity": perplexity(reloaded, eval_ds, collate), "wall_s": wall,
             "job_rows": {k: v.get("perplexity") for k, v in metrics["rows"].items()},
             "train_s": metrics["train_runtime_s"], "export_max_abs_diff": metrics["export_max_abs_diff"],
-            "steps": metrics["steps"]}
+            "steps": metrics["steps"],
+            # the dev score keep_best chose by (the job's loss per token on testbed.dev_file): what tuning reads
+            "dev_score": (metrics["keep_best"] or {}).get("best_dev_score")}
 
 
 def main() -> int:
@@ -117,6 +120,8 @@ def main() -> int:
     p.add_argument("--qat_rotated_only", action="store_true", help="only the rotated QAT row")
     p.add_argument("--qat_formats", default="W4A8", help="comma-separated formats trained with QAT: "
                    + ", ".join(f[0] for f in FORMATS))
+    p.add_argument("--qat_args", default="", help="recipe overrides for every QAT job, as on the command "
+                   "line of qat train: '--train_mode full_weight --adapter none --learning_rate 1e-4'")
     p.add_argument("--json", default=None)
     ns = p.parse_args()
     transformers.logging.set_verbosity_error()
@@ -149,12 +154,13 @@ def main() -> int:
         for rotate in ((True,) if ns.qat_rotated_only else (True, False)):
             name = f"{fmt[0]} QAT{' + rotation' if rotate else ''}"
             rows[name] = qat_row(model_dir, block, work, rotate, ns.qat_steps, ns.qat_batch, ns.eval_blocks,
-                                 eval_ds, collate, fmt, dev)
-            print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
+                                 eval_ds, collate, fmt, dev, shlex.split(ns.qat_args))
+            print(f"{name}: {rows[name]['perplexity']:.3f} (dev score {rows[name]['dev_score']}, "
+                  f"{rows[name]['wall_s']:.0f} s)", flush=True)
     result = {"model_dir": str(model_dir), "pretrain_settings": {k: v for k, v in log["settings"].items()
                                                                  if k != "modules"},
               "parameters": log.get("parameters"), "pretrain_heldout_perplexity": log.get("heldout_perplexity"),
-              "eval_blocks": len(eval_ds), "block": block, "qat_steps": ns.qat_steps, "qat_batch": ns.qat_batch,
+              "eval_blocks": len(eval_ds), "block": block, "qat_steps": ns.qat_steps, "qat_batch": ns.qat_batch, "qat_args": ns.qat_args,
               "rows": rows, "total_s": time.time() - t_start,
               "command": "HF_HUB_OFFLINE=1 python scripts/benchmarks/act_rotation.py " + " ".join(sys.argv[1:])}
     if ns.json:

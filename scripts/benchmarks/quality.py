@@ -83,6 +83,7 @@ def recipe_values(a, bits: int, out: Path, extra: dict) -> dict:
             "logging_steps": max(1, a.steps // 10), "quant_include": f"['{ENCODER_LINEARS}']",
             "adapter_targets": f"['{ENCODER_LINEARS}']", "disable_tqdm": True,
             "max_eval_samples": a.dev_sentences, "model_name_or_path": a.model,
+            "calibration_samples": a.calibration,  # every row calibrates on as many sentences as GPTQ's
             **({"max_train_samples": a.train_sentences} if a.train_sentences else {}), **extra}
 
 
@@ -294,7 +295,8 @@ def parse(argv):
     p.add_argument("--train_sentences", type=int, default=None, help="train sentences used (default: all)")
     p.add_argument("--dev_sentences", type=int, default=None, help="dev sentences scored (default 256)")
     p.add_argument("--test_sentences", type=int, default=None, help="out-of-domain sentences (default 1024)")
-    p.add_argument("--calibration", type=int, default=None, help="calibration sentences (default 256)")
+    p.add_argument("--calibration", type=int, default=None,
+                   help="calibration sentences of every row (default: the main job's calibration_samples)")
     p.add_argument("--seed", type=int, default=0, help="the out-of-domain sample's seed")
     p.add_argument("--model", default=None, help="default: the packaged all-MiniLM-L6-v2")
     p.add_argument("--quick", action="store_true",
@@ -309,8 +311,10 @@ def parse(argv):
     a = p.parse_args(argv)
     small = {"budget": 1, "steps": 2, "batch": 4, "dev_sentences": 16, "test_sentences": 16, "calibration": 16,
              "train_sentences": 64}
-    full = {"budget": 2, "steps": 300, "batch": 32, "dev_sentences": 256, "test_sentences": 1024, "calibration": 256,
-            "train_sentences": 0}
+    from qat.trainers.recipes import DEFAULT_RECIPE
+
+    full = {"budget": 2, "steps": 300, "batch": 32, "dev_sentences": 256, "test_sentences": 1024,
+            "calibration": DEFAULT_RECIPE["calibration_samples"], "train_sentences": 0}
     for key, value in (small if a.quick else full).items():
         if getattr(a, key) is None:
             setattr(a, key, value)

@@ -157,3 +157,18 @@ def test_ternary_width_parses_and_tools_without_it_say_so(tmp_path):
             build()
     with pytest.raises(SystemExit):
         script.parse(["--bits", "5"])
+
+
+def test_every_row_calibrates_on_the_same_count(tmp_path):
+    """GPTQ's rows (llm-compressor's, qat's GPTQ alone) and qat's trained rows calibrate on the same number of
+    sentences: by default the main job's calibration_samples, else --calibration for all; a recipe row that
+    names its own count keeps it (that is then what the row tests)."""
+    script = _load_script()
+    from qat.trainers.recipes import DEFAULT_RECIPE
+
+    a = script.parse(["--bits", "4"])
+    assert a.calibration == DEFAULT_RECIPE["calibration_samples"]
+    assert script.recipe_values(a, 4, tmp_path, {})["calibration_samples"] == a.calibration
+    a = script.parse(["--bits", "4", "--calibration", "64"])
+    assert script.build_args(a, 4, tmp_path, {}).calibration_samples == 64
+    assert script.recipe_values(a, 4, tmp_path, {"calibration_samples": 8})["calibration_samples"] == 8
