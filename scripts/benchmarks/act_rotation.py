@@ -5,6 +5,8 @@
 
 every quantized row exported as compressed-tensors and reloaded by transformers (whose per-token step
 is absmax / 127.5, compressed-tensors' convention; qat trains with vLLM's absmax / 127).
+``--a4_breakdown`` adds where the W4A4 loss comes from: W4A4 RTN with one kind of linear's inputs held at
+8 bits, and with only that kind at 4 bits (in memory, fake-quantized: a mixed-width export is not a format).
 
 The model is a folder laid out as causal_lm.py / testbed.py cache it (model, tokenizer, train.jsonl,
 heldout.jsonl, pretrain_log.json); the held-out split is tokenised and packed by qat.trainers.data as
@@ -79,6 +81,33 @@ def ptq_row(model_dir: Path, work: Path, label: str, bits: int, group, act_bits:
     return {"perplexity": perplexity(reloaded, eval_ds, collate), "wall_s": time.time() - t0}
 
 
+LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def a4_breakdown_rows(model_dir: Path, rotate: bool, eval_ds, collate) -> dict:
+    """W4A4 RTN in memory, with each linear kind's inputs at 8 bits ("KIND at A8") and with only that kind
+    at 4 bits ("only KIND at A4"): how much of the A4 loss each kind's inputs carry."""
+    import qat
+    from qat.rotation import rotate_model
+    from qat.trainers.run import load_model
+
+    def measure(a8_kinds) -> float:
+        model = load_model(str(model_dir), "causal_lm").eval()
+        if rotate:
+            rotate_model(model)
+        qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32, init="rtn", act_bits=4))
+        for name, module in model.named_modules():
+            if getattr(module, "act_quant", None) is not None and name.rsplit(".", 1)[-1] in a8_kinds:
+                module.act_quant.bits = 8  # per-token absmax / 127 for this layer's input
+        return perplexity(model, eval_ds, collate)
+
+    rows = {"all at A4": measure(())}
+    for kind in ("o_proj", "down_proj"):  # the inputs the residual rotation misses (o_proj: rotated per head only)
+        rows[f"{kind} at A8"] = measure((kind,))
+        rows[f"only {kind} at A4"] = measure(tuple(k for k in LINEAR_KINDS if k != kind))
+    return rows
+
+
 def qat_row(model_dir: Path, block: int, work: Path, rotate: bool, steps: int, batch: int, eval_blocks: int,
             eval_ds, collate, fmt: tuple = FORMATS[1], dev: Path | None = None, extra: list[str] = ()) -> dict:
     import transformers
@@ -117,6 +146,8 @@ def main() -> int:
     p.add_argument("--qat_batch", type=int, default=8)
     p.add_argument("--skip_qat", action="store_true")
     p.add_argument("--skip_ptq", action="store_true", help="only the float and QAT rows")
+    p.add_argument("--a4_breakdown", action="store_true", help="W4A4 RTN with one linear kind's inputs at "
+                   "8 bits, or only that kind at 4 bits (in memory): which inputs carry the A4 loss")
     p.add_argument("--qat_rotated_only", action="store_true", help="only the rotated QAT row")
     p.add_argument("--qat_formats", default="W4A8", help="comma-separated formats trained with QAT: "
                    + ", ".join(f[0] for f in FORMATS))
@@ -145,6 +176,11 @@ def main() -> int:
             name = f"{label} RTN{' + rotation' if rotate else ''}"
             rows[name] = ptq_row(model_dir, work, label, bits, group, act_bits, rotate, eval_ds, collate)
             print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
+    for rotate in ((False, True) if ns.a4_breakdown else ()):
+        for label, ppl in a4_breakdown_rows(model_dir, rotate, eval_ds, collate).items():
+            name = f"W4A4 RTN in memory{' + rotation' if rotate else ''}: {label}"
+            rows[name] = {"perplexity": ppl}
+            print(f"{name}: {ppl:.3f}", flush=True)
     trained = [] if ns.skip_qat else [f for f in FORMATS if f[0] in ns.qat_formats.split(",")]
     if trained:  # the jobs pick their state (keep_best) on held-out text the table does not score
         from testbed import dev_file
