@@ -84,27 +84,31 @@ def ptq_row(model_dir: Path, work: Path, label: str, bits: int, group, act_bits:
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def a4_breakdown_rows(model_dir: Path, rotate: bool, eval_ds, collate) -> dict:
-    """W4A4 RTN in memory, with each linear kind's inputs at 8 bits ("KIND at A8") and with only that kind
-    at 4 bits ("only KIND at A4"): how much of the A4 loss each kind's inputs carry."""
+def w4a4_rtn_perplexity(model_dir: Path, rotate: bool, a8_kinds, eval_ds, collate) -> float:
+    """W4 g32 RTN with 4-bit per-token activations, in memory, except the inputs of the linears named in
+    ``a8_kinds`` (``q_proj``, ..., ``down_proj``), which keep 8 bits (per-token absmax / 127)."""
     import qat
     from qat.rotation import rotate_model
     from qat.trainers.run import load_model
 
-    def measure(a8_kinds) -> float:
-        model = load_model(str(model_dir), "causal_lm").eval()
-        if rotate:
-            rotate_model(model)
-        qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32, init="rtn", act_bits=4))
-        for name, module in model.named_modules():
-            if getattr(module, "act_quant", None) is not None and name.rsplit(".", 1)[-1] in a8_kinds:
-                module.act_quant.bits = 8  # per-token absmax / 127 for this layer's input
-        return perplexity(model, eval_ds, collate)
+    model = load_model(str(model_dir), "causal_lm").eval()
+    if rotate:
+        rotate_model(model)
+    qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32, init="rtn", act_bits=4))
+    for name, module in model.named_modules():
+        if getattr(module, "act_quant", None) is not None and name.rsplit(".", 1)[-1] in a8_kinds:
+            module.act_quant.bits = 8
+    return perplexity(model, eval_ds, collate)
 
-    rows = {"all at A4": measure(())}
+
+def a4_breakdown_rows(model_dir: Path, rotate: bool, eval_ds, collate) -> dict:
+    """W4A4 RTN with each linear kind's inputs at 8 bits ("KIND at A8") and with only that kind at 4 bits
+    ("only KIND at A4"): how much of the A4 loss each kind's inputs carry."""
+    rows = {"all at A4": w4a4_rtn_perplexity(model_dir, rotate, (), eval_ds, collate)}
     for kind in ("o_proj", "down_proj"):  # the inputs the residual rotation misses (o_proj: rotated per head only)
-        rows[f"{kind} at A8"] = measure((kind,))
-        rows[f"only {kind} at A4"] = measure(tuple(k for k in LINEAR_KINDS if k != kind))
+        rows[f"{kind} at A8"] = w4a4_rtn_perplexity(model_dir, rotate, (kind,), eval_ds, collate)
+        others = tuple(k for k in LINEAR_KINDS if k != kind)
+        rows[f"only {kind} at A4"] = w4a4_rtn_perplexity(model_dir, rotate, others, eval_ds, collate)
     return rows
 
 
