@@ -3,27 +3,18 @@ inputs at 8 bits really changes those layers' activation width, and nothing else
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "scripts" / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(BENCH_DIR))  # the script imports testbed as a sibling
-    try:
-        spec = importlib.util.spec_from_file_location("act_rotation_benchmark", BENCH_DIR / "act_rotation.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+def script(load_bench_script):
+    with load_bench_script("act_rotation") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH_DIR))
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,14 @@ float perplexity is exp(mean next-token cross-entropy) on the held-out blocks, c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "scripts" / "benchmarks"
 
 # A toy model on a toy corpus (8 pydoc topics + json's docstrings): seconds, not minutes.
 TINY = dict(modules=("json",), max_topics=8, vocab_size=300, hidden=64, layers=2, heads=2, kv_heads=1,
@@ -22,17 +19,9 @@ TINY = dict(modules=("json",), max_topics=8, vocab_size=300, hidden=64, layers=2
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH_DIR))  # the script imports bench_common as a sibling
-    try:
-        spec = importlib.util.spec_from_file_location("causal_lm_benchmark", BENCH_DIR / "causal_lm.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
+def bench(load_bench_script):
+    with load_bench_script("causal_lm") as module:
         yield module
-    finally:
-        sys.modules.pop("causal_lm_benchmark", None)
-        sys.path.remove(str(BENCH_DIR))
 
 
 def _texts(path: Path) -> list[str]:

@@ -3,30 +3,21 @@ measured on exports reloaded by transformers (equal to the in-memory quantized m
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import transformers
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "scripts" / "benchmarks"
 # 8 pydoc topics + json's docstrings, a 2-layer model, 6 steps: seconds.
 TINY = dict(modules=("json",), max_topics=8, hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, block=64,
             pretrain_steps=6, pretrain_batch=4, pretrain_warmup=2, bits=(8, 2))
 
 
 @pytest.fixture(scope="module")
-def testbed():
-    sys.path.insert(0, str(BENCH_DIR))  # the script imports causal_lm / stdlib_corpus as siblings
-    try:
-        spec = importlib.util.spec_from_file_location("testbed_benchmark", BENCH_DIR / "testbed.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+def testbed(load_bench_script):
+    with load_bench_script("testbed") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH_DIR))
 
 
 def test_tiny_testbed(testbed, tmp_path):
