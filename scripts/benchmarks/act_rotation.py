@@ -62,19 +62,27 @@ def perplexity(model, eval_ds, collate) -> float:
     return math.exp(lm_loss(model, eval_ds, collate))
 
 
+def rtn_model(model_dir: Path, rotate: bool, bits: int, group, act_bits: int):
+    """The float model (rotated first when asked) quantized round-to-nearest in memory."""
+    import qat
+    from qat.rotation import rotate_model
+    from qat.trainers.run import load_model
+
+    model = load_model(str(model_dir), "causal_lm").eval()
+    if rotate:
+        rotate_model(model)
+    qat.quantize_model(model, qat.QuantConfig(bits=bits, group_size=group, init="rtn", act_bits=act_bits))
+    return model
+
+
 def ptq_row(model_dir: Path, work: Path, label: str, bits: int, group, act_bits: int, rotate: bool,
             eval_ds, collate) -> dict:
     import transformers
 
     import qat
-    from qat.rotation import rotate_model
-    from qat.trainers.run import load_model
 
     t0 = time.time()
-    model = load_model(str(model_dir), "causal_lm").eval()
-    if rotate:
-        rotate_model(model)
-    qat.quantize_model(model, qat.QuantConfig(bits=bits, group_size=group, init="rtn", act_bits=act_bits))
+    model = rtn_model(model_dir, rotate, bits, group, act_bits)
     out = work / f"{label}{'_rot' if rotate else ''}"
     qat.export_model(model, out, overwrite=True, source_dir=model_dir)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -87,14 +95,7 @@ LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def w4a4_rtn_perplexity(model_dir: Path, rotate: bool, a8_kinds, eval_ds, collate) -> float:
     """W4 g32 RTN with 4-bit per-token activations, in memory, except the inputs of the linears named in
     ``a8_kinds`` (``q_proj``, ..., ``down_proj``), which keep 8 bits (per-token absmax / 127)."""
-    import qat
-    from qat.rotation import rotate_model
-    from qat.trainers.run import load_model
-
-    model = load_model(str(model_dir), "causal_lm").eval()
-    if rotate:
-        rotate_model(model)
-    qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32, init="rtn", act_bits=4))
+    model = rtn_model(model_dir, rotate, 4, 32, 4)
     for name, module in model.named_modules():
         if getattr(module, "act_quant", None) is not None and name.rsplit(".", 1)[-1] in a8_kinds:
             module.act_quant.bits = 8
@@ -200,7 +201,8 @@ def main() -> int:
     result = {"model_dir": str(model_dir), "pretrain_settings": {k: v for k, v in log["settings"].items()
                                                                  if k != "modules"},
               "parameters": log.get("parameters"), "pretrain_heldout_perplexity": log.get("heldout_perplexity"),
-              "eval_blocks": len(eval_ds), "block": block, "qat_steps": ns.qat_steps, "qat_batch": ns.qat_batch, "qat_args": ns.qat_args,
+              "eval_blocks": len(eval_ds), "block": block, "qat_steps": ns.qat_steps, "qat_batch": ns.qat_batch,
+              "qat_args": ns.qat_args,
               "rows": rows, "total_s": time.time() - t_start,
               "command": "HF_HUB_OFFLINE=1 python scripts/benchmarks/act_rotation.py " + " ".join(sys.argv[1:])}
     if ns.json:

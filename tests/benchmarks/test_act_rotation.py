@@ -10,7 +10,6 @@ import torch
 import transformers
 
 
-
 @pytest.fixture(scope="module")
 def script(load_bench_script):
     with load_bench_script("act_rotation") as module:
