@@ -49,6 +49,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         "(default: float activations).")
     p.add_argument("--rotate", choices=["hadamard"], default=None,
                    help="Fold Hadamard rotations into the float model first (Llama / Qwen2 / Mistral).")
+    p.add_argument("--online-hadamard", type=int, default=0, metavar="B",
+                   help="An online B-block Hadamard on each MLP down_proj input (weights folded; exported as "
+                        "compressed-tensors transform_config, docs/ACTIVATIONS.md). Default 0: none.")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -157,13 +160,19 @@ def cmd_quantize(args) -> int:
             from qat.rotation import rotate_model
 
             rotate_model(model)
+        if getattr(args, "online_hadamard", 0):
+            from qat.online_hadamard import add_online_hadamard
+
+            add_online_hadamard(model, args.online_hadamard)
         qat.quantize_model(model, config, calibration=batches)
     except ValueError as err:
         raise SystemExit(f"qat: {err}") from None
     print(qat.format_report(qat.quantization_report(model)))
     out = qat.export_model(model, args.out, overwrite=args.overwrite, source_dir=args.model,
                            recipe={"command": "qat quantize", **config.to_dict(),
-                                   **({"rotate": args.rotate} if getattr(args, "rotate", None) else {})},
+                                   **({"rotate": args.rotate} if getattr(args, "rotate", None) else {}),
+                                   **({"online_hadamard": args.online_hadamard}
+                                      if getattr(args, "online_hadamard", 0) else {})},
                            base_model=args.model)
     print(f"exported to {out}")
     return 0

@@ -25,6 +25,7 @@ from torch import nn
 from qat import safety
 from qat.kernels import dispatch
 from qat.model_card import write_model_card
+from qat.online_hadamard import transform_config, transform_tensors
 from qat.quant_linear import QuantLinear
 from qat.surgery import linear_layers, quant_layers
 
@@ -105,6 +106,8 @@ def quantization_config(model: nn.Module, dequantize: bool = False) -> dict:
         "ignore": ignore,
         "kv_cache_scheme": None,
     }
+    if (transforms := transform_config(model)) is not None:  # online input rotations (qat.online_hadamard)
+        config["transform_config"] = transforms
     if dequantize or any(not layer.spec.symmetric for _, layer in layers):
         # transformers + compressed-tensors 0.20 build the compressed layout on the meta device,
         # where the asymmetric zero point is left unpacked ([out, G]) while the checkpoint holds
@@ -292,6 +295,8 @@ def packed_state_dict(model: nn.Module, gather=None, keep: bool = True,
             tensors = layer_export_tensors(name, layer)
         if keep:
             state.update({k: kept(v) for k, v in tensors.items()})
+    if keep:
+        state.update(transform_tensors(model))  # <layer>.R4_input.weight: what vLLM's transform loader reads
     return state
 
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from qat.act_quant import act_quantizer_from_args
 from qat.config import LayerSpec, QuantConfig
 from qat.export import QAT_CONFIG_FILE
+from qat.online_hadamard import attach_from_config
 from qat.packing import packed_width, unpack_int32
 from qat.quant_linear import QuantLinear
 from qat.surgery import set_submodule
@@ -194,6 +195,7 @@ def load_quantized(path: str | Path, model_class=None, dtype: torch.dtype | None
         layer = _layer_from_tensors(name, tensors, args, recorded_layers.get(name, {}), dtype)
         _attach_act_quant(layer, name, _group_for(name, qc).get("input_activations"), tensors)
         set_submodule(model, name, layer)
+    attach_from_config(model, qc.get("transform_config"))  # online input rotations (qat.online_hadamard)
     quant_keys = tuple(f"{n}." for n in names)
     rest = {k: v for k, v in tensors.items() if not k.startswith(quant_keys)}
     missing, unexpected = model.load_state_dict(rest, strict=False)

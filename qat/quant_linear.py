@@ -106,6 +106,8 @@ class QuantLinear(nn.Module):
         self.adapter: nn.Module | None = None
         # Input fake-quantizer (qat.act_quant.ActQuantizer) for W8A8 / W4A8; None: float activations.
         self.act_quant: nn.Module | None = None
+        # Online input rotation (qat.online_hadamard.InputHadamard, x -> x V) before act_quant; None: none.
+        self.input_hadamard: nn.Module | None = None
         self.source_type = "Linear"
         groups = in_features // self.group_size
         words = packed_width(in_features, spec.storage_bits)
@@ -296,6 +298,8 @@ class QuantLinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_hadamard is not None:
+            x = self.input_hadamard(x)  # the weight holds W V already: y = (x V)(W V)^T
         if self.act_quant is not None:
             x = self.act_quant(x)  # the layer (and any adapter) reads the quantized input
         trainables = self.trainable_tensors() if torch.is_grad_enabled() else []

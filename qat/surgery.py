@@ -69,6 +69,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None,
 
     def finish(name, module, layer):
         layer.act_quant = act_quantizer_for(config.act_bits, config.act_scheme, config.learn_scale)
+        layer.input_hadamard = getattr(module, "input_hadamard", None)  # qat.online_hadamard: rotated input
         layer.weight_scale.requires_grad_(config.learn_scale)
         if layer.weight_zero_point is not None:
             layer.weight_zero_point.requires_grad_(config.learn_zero_point)

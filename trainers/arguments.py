@@ -112,6 +112,10 @@ class QATArguments(TrainingArguments):
     rotate: str | None = field(default=None, metadata={"help":
         "A rotation before quantizing: 'hadamard' folds QuaRot rotations into the float model before quantizing (Llama / Qwen2 / "
         "Mistral); unset: no rotation."})
+    online_hadamard: int = field(default=0, metadata={"help":
+        "Block size b (a power of two) of an online Hadamard on every MLP down_proj input (QuaRot's R4, "
+        "block-diagonal): the weight is folded (W V), the input rotated each forward (x V) before its "
+        "fake-quantizer; exported as compressed-tensors transform_config (docs/ACTIVATIONS.md). 0: none."})
     step_learning_rate: float | None = field(default=None, metadata={"help":
         "The learning rate of the steps; unset means learning_rate."})
     step_lr_relative: bool = field(default=False, metadata={"help":
@@ -257,6 +261,10 @@ class QATArguments(TrainingArguments):
         from qat.rotation import check_rotation
 
         check_rotation(self.rotate)
+        if self.online_hadamard:
+            from qat.online_hadamard import sylvester
+
+            sylvester(self.online_hadamard)  # a block that is not a power of two fails here, before loading
         from qat.matryoshka import check_widths
 
         check_widths(self.matryoshka_widths, self.matryoshka_weights, self.bits, self.storage_bits,
@@ -273,6 +281,9 @@ class QATArguments(TrainingArguments):
         if self.act_bits is not None and self.export_format == "gguf":
             raise ValueError("act_bits is set but GGUF files hold no activation format (llama.cpp quantizes "
                              "activations its own way): export compressed-tensors, or leave act_bits unset")
+        if self.online_hadamard and self.export_format == "gguf":
+            raise ValueError("online_hadamard is set but GGUF files hold no online transform (llama.cpp would run the "
+                             "rotated weights on unrotated inputs): export compressed-tensors, or set online_hadamard 0")
         if self.deepspeed:  # refuse a config that would upcast the packed codes, before any engine exists
             from qat.trainers.deepspeed_utils import check_deepspeed_config
 

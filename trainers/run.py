@@ -141,8 +141,10 @@ def reload_export(args, export_dir: Path):
         return transformers.AutoModelForCausalLM.from_pretrained(export_dir, gguf_file=GGUF_FILE,
                                                                  dtype=torch.float32).eval()
     if not outside_adapter(args):
-        with materialized_loading(args):
-            return load_model(str(export_dir), args.task).eval()
+        from qat.online_hadamard import apply_export_transforms
+
+        with materialized_loading(args):  # + the online transforms, which transformers does not apply
+            return apply_export_transforms(load_model(str(export_dir), args.task), export_dir).eval()
     from peft import PeftModel
 
     # The plain load a user does: the base's config.json asks for dense layers (peft wraps nn.Linear).
@@ -175,11 +177,16 @@ def calibrate(args: QATArguments, model, train_dataset) -> dict:
 
 
 def rotate(args: QATArguments, model):
-    """``rotate: hadamard``: fold the rotations into the float model (same function), in place."""
+    """``rotate: hadamard``: fold the rotations into the float model (same function), in place;
+    ``online_hadamard: b``: the down_proj inputs' online block Hadamard (weights folded, same function)."""
     if args.rotate:
         from qat.rotation import rotate_model
 
         rotate_model(model, seed=args.seed)  # ValueError (one sentence) for a model it cannot rotate
+    if args.online_hadamard:
+        from qat.online_hadamard import add_online_hadamard
+
+        add_online_hadamard(model, args.online_hadamard)  # ValueError (one sentence) when it cannot
     return model
 
 

@@ -1,10 +1,12 @@
 """Activation quantization and Hadamard rotation on a small causal LM: held-out perplexity of
 
-    float; W8A8 / W4A8 / W4A4 RTN; the same after qat.rotation.rotate_model; W4A8 QAT (short), with
-    and without the rotation,
+    float; W8A8 / W4A8 / W4A4 RTN; the same after qat.rotation.rotate_model (and, with --online_hadamard B,
+    after the rotation plus an online B-block Hadamard on each down_proj input, qat.online_hadamard);
+    QAT (short) in each of those settings,
 
 every quantized row exported as compressed-tensors and reloaded by transformers (whose per-token step
-is absmax / 127.5, compressed-tensors' convention; qat trains with vLLM's absmax / 127).
+is absmax / 127.5, compressed-tensors' convention; qat trains with vLLM's absmax / 127), its online
+transforms applied by compressed-tensors' apply_transform_config (transformers does not apply them).
 ``--a4_breakdown`` adds where the W4A4 loss comes from: W4A4 RTN with one kind of linear's inputs held at
 8 bits, and with only that kind at 4 bits (in memory, fake-quantized: a mixed-width export is not a format).
 
@@ -39,7 +41,7 @@ FORMATS = [("W8A8", 8, None, 8), ("W4A8", 4, 32, 8), ("W4A4", 4, 32, 4)]
 
 
 def job_argv(model_dir: Path, block: int, out: Path, rotate: bool, steps: int, batch: int, eval_blocks: int,
-             fmt: tuple = FORMATS[1], dev: Path | None = None, extra: list[str] = ()) -> list[str]:
+             fmt: tuple = FORMATS[1], dev: Path | None = None, extra: list[str] = (), online: int = 0) -> list[str]:
     """The QAT job's arguments; ``dev`` is its keep_best split (testbed.dev_file), the held-out file when
     unset (only to read the scored blocks); ``extra`` (``--KEY VALUE ...``) overrides the recipe last."""
     _, bits, group, act_bits = fmt  # the W4A8 recipe, with this format's widths
@@ -53,7 +55,27 @@ def job_argv(model_dir: Path, block: int, out: Path, rotate: bool, steps: int, b
             "--output_dir", str(out), "--overwrite_output", "true", "--report_to", "none"]
     if not rotate:
         argv += ["--rotate", "null"]
+    if online:
+        argv += ["--online_hadamard", str(online)]
     return argv + list(extra)
+
+
+def setting(rotate: bool, online: int = 0) -> str:
+    """A row's rotation setting, as the table and the work folders name it."""
+    return (" + rotation" if rotate else "") + (f" + online R4 (b={online})" if online else "")
+
+
+def folder_suffix(rotate: bool, online: int = 0) -> str:
+    return ("_rot" if rotate else "") + (f"_r4b{online}" if online else "")
+
+
+def reload(export_dir):
+    """The export as transformers loads it, plus its online transforms (compressed-tensors applies them)."""
+    import transformers
+
+    from qat.online_hadamard import apply_export_transforms
+
+    return apply_export_transforms(transformers.AutoModelForCausalLM.from_pretrained(export_dir), export_dir).eval()
 
 
 def perplexity(model, eval_ds, collate) -> float:
@@ -62,30 +84,32 @@ def perplexity(model, eval_ds, collate) -> float:
     return math.exp(lm_loss(model, eval_ds, collate))
 
 
-def rtn_model(model_dir: Path, rotate: bool, bits: int, group, act_bits: int):
-    """The float model (rotated first when asked) quantized round-to-nearest in memory."""
+def rtn_model(model_dir: Path, rotate: bool, bits: int, group, act_bits: int, online: int = 0):
+    """The float model (rotated first when asked, then given the online down_proj Hadamard when ``online``)
+    quantized round-to-nearest in memory."""
     import qat
+    from qat.online_hadamard import add_online_hadamard
     from qat.rotation import rotate_model
     from qat.trainers.run import load_model
 
     model = load_model(str(model_dir), "causal_lm").eval()
     if rotate:
         rotate_model(model)
+    if online:
+        add_online_hadamard(model, online)
     qat.quantize_model(model, qat.QuantConfig(bits=bits, group_size=group, init="rtn", act_bits=act_bits))
     return model
 
 
 def ptq_row(model_dir: Path, work: Path, label: str, bits: int, group, act_bits: int, rotate: bool,
-            eval_ds, collate) -> dict:
-    import transformers
-
+            eval_ds, collate, online: int = 0) -> dict:
     import qat
 
     t0 = time.time()
-    model = rtn_model(model_dir, rotate, bits, group, act_bits)
-    out = work / f"{label}{'_rot' if rotate else ''}"
+    model = rtn_model(model_dir, rotate, bits, group, act_bits, online)
+    out = work / f"{label}{folder_suffix(rotate, online)}"
     qat.export_model(model, out, overwrite=True, source_dir=model_dir)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    reloaded = reload(out)
     return {"perplexity": perplexity(reloaded, eval_ds, collate), "wall_s": time.time() - t0}
 
 
@@ -114,19 +138,18 @@ def a4_breakdown_rows(model_dir: Path, rotate: bool, eval_ds, collate) -> dict:
 
 
 def qat_row(model_dir: Path, block: int, work: Path, rotate: bool, steps: int, batch: int, eval_blocks: int,
-            eval_ds, collate, fmt: tuple = FORMATS[1], dev: Path | None = None, extra: list[str] = ()) -> dict:
-    import transformers
-
+            eval_ds, collate, fmt: tuple = FORMATS[1], dev: Path | None = None, extra: list[str] = (),
+            online: int = 0) -> dict:
     from qat.trainers.recipes import build_arguments
     from qat.trainers.run import run
 
-    args = build_arguments(job_argv(model_dir, block, work / f"qat_{fmt[0].lower()}{'_rot' if rotate else ''}", rotate,
-                                    steps, batch, eval_blocks, fmt, dev, extra))
+    args = build_arguments(job_argv(model_dir, block, work / f"qat_{fmt[0].lower()}{folder_suffix(rotate, online)}",
+                                    rotate, steps, batch, eval_blocks, fmt, dev, extra, online))
     t0 = time.time()
     metrics = run(args)
     wall = time.time() - t0
     # Measured like every other row: the export reloaded by transformers, on the same held-out blocks.
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(metrics["export_dir"]).eval()
+    reloaded = reload(metrics["export_dir"])
     return {"perplexity": perplexity(reloaded, eval_ds, collate), "wall_s": wall,
             "job_rows": {k: v.get("perplexity") for k, v in metrics["rows"].items()},
             "train_s": metrics["train_runtime_s"], "export_max_abs_diff": metrics["export_max_abs_diff"],
@@ -153,7 +176,9 @@ def main() -> int:
     p.add_argument("--skip_ptq", action="store_true", help="only the float and QAT rows")
     p.add_argument("--a4_breakdown", action="store_true", help="W4A4 RTN with one linear kind's inputs at "
                    "8 bits, or only that kind at 4 bits (in memory): which inputs carry the A4 loss")
-    p.add_argument("--qat_rotated_only", action="store_true", help="only the rotated QAT row")
+    p.add_argument("--qat_rotated_only", action="store_true", help="only the rotated QAT rows")
+    p.add_argument("--online_hadamard", type=int, default=0, help="also the rows with the rotation plus an online "
+                   "Hadamard of this block size on each down_proj input (qat.online_hadamard); 0: none")
     p.add_argument("--qat_formats", default="W4A8", help="comma-separated formats trained with QAT: "
                    + ", ".join(f[0] for f in FORMATS))
     p.add_argument("--qat_args", default="", help="recipe overrides for every QAT job, as on the command "
@@ -176,10 +201,11 @@ def main() -> int:
     collate = collator(tokenizer, "causal_lm")
     rows = {"float": {"perplexity": perplexity(load_model(str(model_dir), "causal_lm").eval(), eval_ds, collate)}}
     print(f"float: {rows['float']['perplexity']:.3f} on {len(eval_ds)} blocks of {block}", flush=True)
-    for rotate in (() if ns.skip_ptq else (False, True)):
+    settings = [(False, 0), (True, 0)] + ([(True, ns.online_hadamard)] if ns.online_hadamard else [])
+    for rotate, online in ([] if ns.skip_ptq else settings):
         for label, bits, group, act_bits in FORMATS:
-            name = f"{label} RTN{' + rotation' if rotate else ''}"
-            rows[name] = ptq_row(model_dir, work, label, bits, group, act_bits, rotate, eval_ds, collate)
+            name = f"{label} RTN{setting(rotate, online)}"
+            rows[name] = ptq_row(model_dir, work, label, bits, group, act_bits, rotate, eval_ds, collate, online)
             print(f"{name}: {rows[name]['perplexity']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
     for rotate in ((False, True) if ns.a4_breakdown else ()):
         for label, ppl in a4_breakdown_rows(model_dir, rotate, eval_ds, collate).items():
@@ -192,10 +218,10 @@ def main() -> int:
 
         dev = dev_file(model_dir, work, ns.eval_blocks)
     for fmt in trained:
-        for rotate in ((True,) if ns.qat_rotated_only else (True, False)):
-            name = f"{fmt[0]} QAT{' + rotation' if rotate else ''}"
+        for rotate, online in (settings[1:] if ns.qat_rotated_only else settings[::-1]):
+            name = f"{fmt[0]} QAT{setting(rotate, online)}"
             rows[name] = qat_row(model_dir, block, work, rotate, ns.qat_steps, ns.qat_batch, ns.eval_blocks,
-                                 eval_ds, collate, fmt, dev, shlex.split(ns.qat_args))
+                                 eval_ds, collate, fmt, dev, shlex.split(ns.qat_args), online)
             print(f"{name}: {rows[name]['perplexity']:.3f} (dev score {rows[name]['dev_score']}, "
                   f"{rows[name]['wall_s']:.0f} s)", flush=True)
     result = {"model_dir": str(model_dir), "pretrain_settings": {k: v for k, v in log["settings"].items()
