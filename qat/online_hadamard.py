@@ -65,20 +65,24 @@ def _rotate_input(module: nn.Module, args: tuple):
     return (module.input_hadamard(args[0]), *args[1:])
 
 
-def down_proj_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules() if n.endswith(TARGET_SUFFIX) and isinstance(m, nn.Linear)]
+def target_layers(model: nn.Module, suffixes=(TARGET_SUFFIX,)) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear modules whose names end with one of ``suffixes`` ("" selects every linear)."""
+    return [(n, m) for n, m in model.named_modules() if n.endswith(tuple(suffixes)) and isinstance(m, nn.Linear)]
 
 
-def refusal(model: nn.Module, block: int) -> str | None:
+def refusal(model: nn.Module, block: int, suffixes=(TARGET_SUFFIX,)) -> str | None:
     """Why ``add_online_hadamard`` cannot run on this model (None: it can)."""
     try:
         sylvester(block)
     except ValueError as e:
         return str(e)
-    layers = down_proj_layers(model)
-    if not layers:
+    layers = target_layers(model, suffixes)
+    if not layers and tuple(suffixes) == (TARGET_SUFFIX,):
         return (f"online_hadamard needs MLP down_proj linears ({type(model).__name__} has no '*.{TARGET_SUFFIX}' "
-                "nn.Linear): use a Llama / Qwen2 / Mistral-style model or leave online_hadamard at 0")
+                "nn.Linear): use a Llama / Qwen2 / Mistral-style model, online_hadamard_targets 'all', "
+                "or online_hadamard 0")
+    if not layers:
+        return f"online_hadamard: no nn.Linear of {type(model).__name__} ends with {list(suffixes)[:3]}"
     if any(getattr(m, "input_hadamard", None) is not None for _, m in layers):
         return "the model already has online Hadamard transforms: apply online_hadamard once"
     bad = next((n for n, m in layers if m.in_features % block), None)
@@ -89,15 +93,15 @@ def refusal(model: nn.Module, block: int) -> str | None:
 
 
 @torch.no_grad()
-def add_online_hadamard(model: nn.Module, block: int) -> list[str]:
-    """Fold V into every float ``*.mlp.down_proj`` weight (W <- W V) and rotate its input online (x <- x V):
-    the same function. Raises ValueError (one sentence) before any change when it cannot. Returns the
-    layer names; ``qat.quantize_model`` carries the transform into each QuantLinear."""
-    reason = refusal(model, block)
+def add_online_hadamard(model: nn.Module, block: int, suffixes=(TARGET_SUFFIX,)) -> list[str]:
+    """Fold V into every float ``*.mlp.down_proj`` weight (or those ``suffixes`` name) (W <- W V) and rotate
+    its input online (x <- x V): the same function. Raises ValueError (one sentence) before any change when
+    it cannot. Returns the layer names; ``qat.quantize_model`` carries the transform into each QuantLinear."""
+    reason = refusal(model, block, suffixes)
     if reason:
         raise ValueError(reason)
     names = []
-    for name, linear in down_proj_layers(model):
+    for name, linear in target_layers(model, suffixes):
         transform = InputHadamard(block).to(linear.weight.device)
         w = linear.weight.detach().double()  # [out, in]
         v = transform.matrix.double() / block ** 0.5

@@ -20,11 +20,12 @@ output rotated; the attention output of each head is a row-mix of V rows, so it 
 
 applied with qat.hadamard.fwht (x @ H == fwht(x, transpose=True)), in float64.
 
-Left out (they need an online transform at serving time, which a plain model cannot hold):
+Left out here (they need an online transform at serving time, which a plain model cannot hold):
 QuaRot's Hadamard on the down_proj input (after the elementwise SiLU(gate) * up: no weight holds
-it), the cross-head part of its o_proj-input Hadamard (the per-head part is the V/O rotation here),
-and the Q/K rotation after RoPE (for KV-cache quantization). SpinQuant's learned rotations are not
-built.
+it; qat.online_hadamard adds it as an online transform, exported as compressed-tensors
+transform_config), the cross-head part of its o_proj-input Hadamard (the per-head part is the V/O
+rotation here), and the Q/K rotation after RoPE (for KV-cache quantization). SpinQuant's learned
+rotations are not built.
 """
 
 from __future__ import annotations

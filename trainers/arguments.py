@@ -116,6 +116,9 @@ class QATArguments(TrainingArguments):
         "Block size b (a power of two) of an online Hadamard on every MLP down_proj input (QuaRot's R4, "
         "block-diagonal): the weight is folded (W V), the input rotated each forward (x V) before its "
         "fake-quantizer; exported as compressed-tensors transform_config (docs/ACTIVATIONS.md). 0: none."})
+    online_hadamard_targets: str = field(default="down_proj", metadata={"help":
+        "Which linears' inputs online_hadamard rotates: 'down_proj' (the MLP down_proj, QuaRot's R4) or 'all' "
+        "(every layer the recipe quantizes: incoherence processing for low-bit weights, any architecture)."})
     step_learning_rate: float | None = field(default=None, metadata={"help":
         "The learning rate of the steps; unset means learning_rate."})
     step_lr_relative: bool = field(default=False, metadata={"help":
@@ -265,6 +268,8 @@ class QATArguments(TrainingArguments):
             from qat.online_hadamard import sylvester
 
             sylvester(self.online_hadamard)  # a block that is not a power of two fails here, before loading
+        if self.online_hadamard_targets not in ("down_proj", "all"):
+            raise ValueError(f"online_hadamard_targets={self.online_hadamard_targets!r}: use 'down_proj' or 'all'")
         from qat.matryoshka import check_widths
 
         check_widths(self.matryoshka_widths, self.matryoshka_weights, self.bits, self.storage_bits,

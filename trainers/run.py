@@ -184,9 +184,12 @@ def rotate(args: QATArguments, model):
 
         rotate_model(model, seed=args.seed)  # ValueError (one sentence) for a model it cannot rotate
     if args.online_hadamard:
-        from qat.online_hadamard import add_online_hadamard
+        from qat.online_hadamard import TARGET_SUFFIX, add_online_hadamard
 
-        add_online_hadamard(model, args.online_hadamard)  # ValueError (one sentence) when it cannot
+        cfg = args.quant_config()
+        targets = ((TARGET_SUFFIX,) if args.online_hadamard_targets == "down_proj"
+                   else tuple(n for n, _ in qat.surgery.linear_layers(model) if cfg.selects(n)))
+        add_online_hadamard(model, args.online_hadamard, targets)  # ValueError (one sentence) when it cannot
     return model
 
 
