@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from qat import __version__
+from qat.online_hadamard import transform_layers
 
 
 def bits_per_weight(layers, state: dict[str, torch.Tensor]) -> float:
@@ -50,6 +51,13 @@ def write_model_card(folder: Path, model, layers, *, base_model, recipe, state) 
         for b, g, s in formats
     )
     recipe_block = json.dumps(recipe, indent=2, default=str) if recipe else "(post-training quantization, no training)"
+    transforms = ""
+    if transform_layers(model):  # transformers loads the weights but does not run the online transforms
+        transforms = """
+# The export rotates some layers' inputs online (quantization_config.transform_config), which transformers
+# does not apply by itself: compressed-tensors does (vLLM applies it on its own).
+from qat.online_hadamard import apply_export_transforms  # compressed_tensors.transform.apply_transform_config
+model = apply_export_transforms(model, "<this folder>")"""
     text = f"""---
 {yaml.safe_dump(meta, sort_keys=False).strip()}
 ---
@@ -69,7 +77,7 @@ Low-bit weights in the compressed-tensors `pack-quantized` format, written by
 ```python
 # pip install transformers compressed-tensors
 from transformers import AutoModel  # or AutoModelForCausalLM
-model = AutoModel.from_pretrained("<this folder or repo id>")
+model = AutoModel.from_pretrained("<this folder or repo id>"){transforms}
 ```
 
 ## Recipe

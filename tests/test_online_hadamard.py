@@ -133,3 +133,23 @@ def test_cli_quantize_adds_the_transform_and_refuses_an_encoder(tmp_path, minilm
     with pytest.raises(SystemExit, match="needs MLP down_proj linears"):
         main(["quantize", "--model", str(minilm_path), "--out", str(tmp_path / "m"), "--bits", "8",
               "--online-hadamard", "64"])
+
+
+def test_all_targets_rotate_every_quantized_encoder_linear_and_the_card_says_how_to_load(tmp_path):
+    """online_hadamard_targets 'all' on a BERT encoder (no down_proj): every selected linear's input is
+    rotated, the float function is kept, and the model card shows the transform step."""
+    model = _tiny_bert().eval()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+        targets = tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n)
+        names = add_online_hadamard(model, 32, targets)
+        got = model(ids).last_hidden_state
+    assert len(names) == 6  # q, k, v, attention output, intermediate, output of the one layer
+    assert float((got - expected).abs().max()) < 1e-5 * float(expected.abs().max())  # float32 transform only
+    qat.quantize_model(model, qat.QuantConfig(bits=4, group_size=32, init="rtn"))
+    out = qat.export_model(model, tmp_path / "export")
+    assert "apply_export_transforms" in (out / "README.md").read_text()
+    reloaded = apply_export_transforms(transformers.AutoModel.from_pretrained(out), out).eval()
+    with torch.no_grad():  # weight-only: same codes, same transform, fp32 order only
+        assert float((reloaded(ids).last_hidden_state - model(ids).last_hidden_state).abs().max()) < 1e-5
