@@ -34,6 +34,22 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def cli_quantize_tiny_llama(tmp_path, *flags: str):
+    """Save tiny_llama, run `qat quantize --bits 8 --group-size -1 --init rtn FLAGS` on it; returns (export
+    folder, input ids [2, 12], the float model's logits on them)."""
+    from qat.cli import main
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "llama")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tmp_path / "llama"), "--out", str(out), "--bits", "8",
+                 "--group-size", "-1", "--init", "rtn", *flags]) == 0
+    return out, ids, expected
+
+
 def tiny_qwen2(seed: int = 0):
     torch.manual_seed(seed)
     cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import qat
 from qat.act_quant import compressed_tensors_steps
 from qat.online_hadamard import add_online_hadamard, apply_export_transforms, sylvester
-from tests.conftest import tiny_llama, tiny_qwen2
+from tests.conftest import cli_quantize_tiny_llama, tiny_llama, tiny_qwen2
 
 
 def test_block_matrix_is_compressed_tensors_sylvester_and_orthogonal():
@@ -116,15 +116,9 @@ def test_recipe_refuses_a_bad_block_and_gguf_before_loading():
 def test_cli_quantize_adds_the_transform_and_refuses_an_encoder(tmp_path, minilm_path):
     from qat.cli import main
 
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "llama")
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(ids).logits
-    assert main(["quantize", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "q"), "--bits", "8",
-                 "--group-size", "-1", "--init", "rtn", "--act-bits", "8", "--rotate", "hadamard",
-                 "--online-hadamard", "64"]) == 0
-    reloaded = apply_export_transforms(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q"), tmp_path / "q")
+    out, ids, expected = cli_quantize_tiny_llama(tmp_path, "--act-bits", "8", "--rotate", "hadamard",
+                                                 "--online-hadamard", "64")
+    reloaded = apply_export_transforms(transformers.AutoModelForCausalLM.from_pretrained(out), out)
     with torch.no_grad():
         got = reloaded.eval()(ids).logits
     # W8A8 of the rotated model vs the float original: int8 rounding only (the test_rotation bound, 5% of

@@ -10,7 +10,7 @@ import transformers
 
 import qat
 from qat.rotation import rotate_model
-from tests.conftest import tiny_llama, tiny_qwen2
+from tests.conftest import cli_quantize_tiny_llama, tiny_llama, tiny_qwen2
 
 
 def tiny_mistral(seed: int = 0):
@@ -181,13 +181,7 @@ def test_refuses_what_it_cannot_rotate(build, phrase):
 def test_cli_quantize_rotates_w8a8_and_refuses_an_encoder(tmp_path, minilm_path, capsys):
     from qat.cli import main
 
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "llama")
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(ids).logits
-    assert main(["quantize", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "q"), "--bits", "8",
-                 "--group-size", "-1", "--init", "rtn", "--act-bits", "8", "--rotate", "hadamard"]) == 0
+    _, ids, expected = cli_quantize_tiny_llama(tmp_path, "--act-bits", "8", "--rotate", "hadamard")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["qat_rotation"]["kind"] == "hadamard"
     assert config["quantization_config"]["config_groups"]["group_0"]["input_activations"]["num_bits"] == 8

@@ -1,12 +1,14 @@
-"""Quantize an encoder with the real llm-compressor (GPTQ or RTN), run by quality.py INSIDE llm-compressor's
+"""Quantize an encoder with the real llm-compressor (GPTQ, RTN, or QuIP input rotations + GPTQ), run by quality.py INSIDE llm-compressor's
 own virtual environment (its pins, compressed-tensors 0.19 / transformers 5.17, conflict with qat's).
 
     <venv>/bin/python scripts/benchmarks/llmc_quantize.py --model DIR --out DIR --method gptq --bits 4 \
         --group_size 32 --calibration sentences.json [--dampening 0.01] [--max_length 128]
 
 Weight-only, symmetric int, per group, on the encoder's linears (the pooler stays float, as in qat's
-rows); saved compressed (pack-quantized), which qat's environment reloads with transformers. Imports
-nothing from qat.
+rows); saved compressed (pack-quantized), which qat's environment reloads with transformers. ``quip_gptq``
+first applies llm-compressor's QuIPModifier with input rotations only (``rotations=["v"]``, deterministic
+block Hadamard of ``--transform_block``: the transform qat's ``online_hadamard_targets: all`` uses), saved
+as its ``transform_config``. Imports nothing from qat.
 """
 
 from __future__ import annotations
@@ -16,16 +18,23 @@ import json
 import sys
 
 ENCODER_LINEARS = r"re:.*encoder\.layer\.\d+\..*"
+# The same layers by their own names: a transform's targets match any module, not only linears.
+ENCODER_LINEAR_NAMES = r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 
 
-def recipe(method: str, bits: int, group_size: int, dampening: float):
+def recipe(method: str, bits: int, group_size: int, dampening: float, transform_block: int = 128):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import QuIPModifier
 
     scheme = {"group_0": {"targets": [ENCODER_LINEARS],
                           "weights": {"num_bits": bits, "type": "int", "symmetric": True,
                                       "strategy": "group", "group_size": group_size}}}
     if method == "gptq":
         return GPTQModifier(config_groups=scheme, ignore=["re:.*pooler.*"], dampening_frac=dampening)
+    if method == "quip_gptq":
+        return [QuIPModifier(rotations=["v"], transform_type="hadamard", transform_block_size=transform_block,
+                             targets=[ENCODER_LINEAR_NAMES], ignore=["re:.*pooler.*"]),
+                GPTQModifier(config_groups=scheme, ignore=["re:.*pooler.*"], dampening_frac=dampening)]
     return QuantizationModifier(config_groups=scheme, ignore=["re:.*pooler.*"])
 
 
@@ -33,7 +42,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--method", choices=("gptq", "rtn"), required=True)
+    p.add_argument("--method", choices=("gptq", "rtn", "quip_gptq"), required=True)
+    p.add_argument("--transform_block", type=int, default=128, help="quip_gptq: the Hadamard block size")
     p.add_argument("--bits", type=int, required=True)
     p.add_argument("--group_size", type=int, default=32)
     p.add_argument("--dampening", type=float, default=0.01)
@@ -53,9 +63,9 @@ def main(argv=None) -> int:
     tokens = tokenizer(sentences, truncation=True, max_length=a.max_length)
     data = Dataset.from_dict({"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]})
     layer = type(model.encoder.layer[0]).__name__  # GPTQ runs block by block: BertLayer for MiniLM
-    oneshot(model=model, dataset=data, recipe=recipe(a.method, a.bits, a.group_size, a.dampening),
+    oneshot(model=model, dataset=data, recipe=recipe(a.method, a.bits, a.group_size, a.dampening, a.transform_block),
             num_calibration_samples=len(sentences), max_seq_length=a.max_length,
-            sequential_targets=[layer] if a.method == "gptq" else None)
+            sequential_targets=[layer] if a.method != "rtn" else None)
     model.save_pretrained(a.out, save_compressed=True)
     tokenizer.save_pretrained(a.out)
     print(f"llmc_quantize: {a.method} W{a.bits} g{a.group_size} -> {a.out}")

@@ -217,6 +217,11 @@ def methods(a) -> dict[str, Method]:
         "llmc_gptq": Method("llmc_gptq", "pure", tuple({"dampening": d} for d in GPTQ_DAMPENING),
                             lambda b, bits, s, o: llmc_model(b, bits, "gptq", s, o)),
         "llmc_rtn": Method("llmc_rtn", "pure", ({},), lambda b, bits, s, o: llmc_model(b, bits, "rtn", s, o)),
+        # QuIP's input rotations (deterministic 128-block Hadamard, online) + GPTQ: the rotation qat's
+        # online_hadamard_targets 'all' uses, so a rotated qat row meets the rotated post-training one
+        "llmc_quip_gptq": Method("llmc_quip_gptq", "pure", tuple({"dampening": d, "transform_block": 128}
+                                                                 for d in GPTQ_DAMPENING),
+                                 lambda b, bits, s, o: llmc_model(b, bits, "quip_gptq", s, o)),
         "qlora_nf4": Method("qlora_nf4", "pure", lr_grid, qlora_model),
         "torchao": Method("torchao", "pure", lr_grid, torchao_model),
     })
@@ -322,7 +327,7 @@ def parse(argv):
         a.recipe = {k: json.loads(v) for k, v in (r.split("=", 1) for r in a.recipe)}
     except ValueError:
         p.error("--recipe takes NAME=JSON, e.g. --recipe qat_gptq='{\"quant_init\": \"gptq\"}'")
-    known = list(QAT_RECIPES) + list(a.recipe) + ["qat_gptq", "llmc_gptq", "llmc_rtn", "qlora_nf4", "torchao"]
+    known = list(QAT_RECIPES) + list(a.recipe) + ["qat_gptq", "llmc_gptq", "llmc_rtn", "llmc_quip_gptq", "qlora_nf4", "torchao"]
     a.methods = a.methods or known
     if unknown := [m for m in a.methods if m not in known]:
         p.error(f"unknown method(s) {unknown}: choose from {known} or add one with --recipe NAME=JSON")

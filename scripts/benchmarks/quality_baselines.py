@@ -1,6 +1,6 @@
 """The other tools' rows of scripts/benchmarks/quality.py, each built the way that tool's users build it:
 
-    llmc_model      llm-compressor GPTQ / RTN (the real package, in its own virtual environment: its pins,
+    llmc_model      llm-compressor GPTQ / RTN / QuIP + GPTQ (the real package, in its own virtual environment: its pins,
                     compressed-tensors 0.19 / transformers 5.17, conflict with qat's), calibrated on the
                     train split, saved compressed, reloaded here with transformers
     qlora_model     peft + bitsandbytes QLoRA: LoRA over an NF4 base, merged back into NF4 by bitsandbytes,
@@ -72,11 +72,13 @@ def llmc_model(bench, bits: int, method: str, config: dict, out: Path):
     cmd = [str(python), str(HERE / "llmc_quantize.py"), "--model", bench.path, "--out", str(out),
            "--method", method, "--bits", str(bits), "--group_size", "32",
            "--dampening", str(config.get("dampening", 0.01)), "--calibration", str(calibration),
-           "--max_length", str(bench.args.max_length)]
+           "--max_length", str(bench.args.max_length), "--transform_block", str(config.get("transform_block", 128))]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"llm-compressor failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
-    return lambda: AutoModel.from_pretrained(str(out), dtype=torch.float32).eval(), out
+    from qat.online_hadamard import apply_export_transforms  # quip_gptq's online rotations (transform_config)
+
+    return lambda: apply_export_transforms(AutoModel.from_pretrained(str(out), dtype=torch.float32), out).eval(), out
 
 
 # ---------------------------------------------------------------------------------------- peft tools

@@ -20,6 +20,7 @@ LABELS = {
     "qat_lora_outside": "qat LoRA outside (act-LoftQ init)",
     "qat_rel": "qat default recipe with relative step learning rates (`step_lr_relative`, 0.5% per update)",
     "llmc_gptq": "llm-compressor GPTQ", "llmc_rtn": "llm-compressor RTN",
+    "llmc_quip_gptq": "llm-compressor QuIP (input rotations) + GPTQ",
     "qlora_nf4": "peft + bitsandbytes QLoRA, merged to NF4", "torchao": "torchao QAT + peft LoRA, converted",
 }
 FAMILIES = {"pure": "Pure low-bit models (no adapter, or adapters inside the quantizer)",
