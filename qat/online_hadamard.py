@@ -152,12 +152,24 @@ def export_transform_config(folder: str | Path) -> dict | None:
 def apply_export_transforms(model: nn.Module, folder: str | Path) -> nn.Module:
     """Apply an export's online transforms to a model transformers loaded from it (transformers 5.25 reads
     the weights but not ``transform_config``), with compressed-tensors' own ``apply_transform_config``."""
-    config = export_transform_config(folder)
+    config = online_part(export_transform_config(folder))
     if config:
         from compressed_tensors.transform import TransformConfig, apply_transform_config
 
         apply_transform_config(model, TransformConfig.model_validate(config))
     return model
+
+
+def online_part(config: dict | None) -> dict | None:
+    """A transform_config with only its online applications (input / output ...). Another tool's export
+    (llm-compressor's QuIP) also lists the weight-side half (``weight_input``), which is already fused into
+    the saved weights: applied again on load it would rotate them twice."""
+    groups = {}
+    for name, scheme in ((config or {}).get("config_groups") or {}).items():
+        online = [a for a in scheme.get("apply", []) if not str(a.get("location", "")).startswith("weight")]
+        if online:
+            groups[name] = {**scheme, "apply": online}
+    return {"config_groups": groups} if groups else None
 
 
 def attach_from_config(model: nn.Module, config: dict | None) -> None:

@@ -147,3 +147,18 @@ def test_all_targets_rotate_every_quantized_encoder_linear_and_the_card_says_how
     reloaded = apply_export_transforms(transformers.AutoModel.from_pretrained(out), out).eval()
     with torch.no_grad():  # weight-only: same codes, same transform, fp32 order only
         assert float((reloaded(ids).last_hidden_state - model(ids).last_hidden_state).abs().max()) < 1e-5
+
+
+def test_reload_applies_only_the_online_half_of_another_tools_transform_config():
+    """llm-compressor's QuIP export lists each rotation twice: online at the input, and at weight_input
+    (inverse), which is already fused into the saved weights; applying that again would rotate them twice."""
+    from qat.online_hadamard import online_part
+
+    target = {"targets": ["re:.*dense$"], "ignore": []}
+    config = {"config_groups": {"v": {"type": "hadamard", "head_dim": 32, "apply": [
+        {**target, "location": "input", "inverse": False}, {**target, "location": "weight_input", "inverse": True}]},
+        "fused_only": {"type": "hadamard", "apply": [{**target, "location": "weight_output", "inverse": False}]}}}
+    kept = online_part(config)
+    assert list(kept["config_groups"]) == ["v"]
+    assert [a["location"] for a in kept["config_groups"]["v"]["apply"]] == ["input"]
+    assert online_part(None) is None
