@@ -108,6 +108,12 @@ def test_recipe_refuses_a_bad_block_and_gguf_before_loading():
 
     with pytest.raises(ValueError, match="power of two"):
         build_arguments(["--model_name_or_path", "/nonexistent", "--online_hadamard", "48"])
+    with pytest.raises(ValueError, match="online_hadamard with an outside adapter"):
+        build_arguments(["--model_name_or_path", "/nonexistent", "--online_hadamard", "32", "--adapter", "lora",
+                         "--adapter_placement", "outside"])
+    with pytest.raises(ValueError, match="online_hadamard_targets='every'"):
+        build_arguments(["--model_name_or_path", "/nonexistent", "--online_hadamard", "32",
+                         "--online_hadamard_targets", "every"])
     with pytest.raises(ValueError, match="GGUF files hold no online transform"):
         build_arguments(["--model_name_or_path", "/nonexistent", "--task", "causal_lm", "--distill", "none",
                          "--online_hadamard", "32", "--bits", "4", "--export_format", "gguf"])

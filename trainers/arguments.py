@@ -270,6 +270,9 @@ class QATArguments(TrainingArguments):
             sylvester(self.online_hadamard)  # a block that is not a power of two fails here, before loading
         if self.online_hadamard_targets not in ("down_proj", "all"):
             raise ValueError(f"online_hadamard_targets={self.online_hadamard_targets!r}: use 'down_proj' or 'all'")
+        if self.online_hadamard and self.adapter != "none" and self.adapter_placement == "outside":
+            raise ValueError("online_hadamard with an outside adapter: the peft adapter beside the base would read "
+                             "rotated inputs that a plain peft reload does not make; use adapter_placement inside")
         from qat.matryoshka import check_widths
 
         check_widths(self.matryoshka_widths, self.matryoshka_weights, self.bits, self.storage_bits,
