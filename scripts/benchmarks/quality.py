@@ -12,7 +12,8 @@ Every row is scored on the model as a user gets it: the export reloaded with tra
 its converted model in memory, it has no export transformers reloads here). Scores: mean cosine and
 nearest-neighbour agreement with the float model's mean-pooled embeddings (qat.evaluation). Rows that are
 a pure low-bit model (no adapter, or adapters inside the quantizer) are tabled apart from rows that keep
-float adapters beside the base (outside LoRA). Encoder linears, symmetric int, group 32.
+float adapters beside the base (outside LoRA). Encoder linears, symmetric int, group 32 (a qat row's
+``"symmetric": false`` and the ``*_asym`` GPTQ rows, run when named, add a zero point per group).
 
     python scripts/benchmarks/quality.py                               # everything, W4 / W3 / W2
     python scripts/benchmarks/quality.py --bits 4 --methods llmc_gptq llmc_rtn
@@ -64,6 +65,7 @@ QAT_RECIPES = {
 # learning rates by LR_FACTORS; GPTQ tries dampening fractions; RTN has nothing to tune.
 LR_FACTORS = (1.0, 0.3, 3.0, 0.1)
 GPTQ_DAMPENING = (0.01, 0.1, 0.001, 0.05)
+OPT_IN_ROWS = ("qat_gptq_asym", "llmc_gptq_asym", "llmc_quip_gptq_asym")
 BASELINE_LR = 1e-3  # the main job's adapter learning rate, the other tools' LoRA start from it too
 
 
@@ -186,7 +188,7 @@ def qat_method(name: str, overrides: dict, a) -> Method:
     return Method(name, "float adapters" if outside else "pure", grid, build)
 
 
-def qat_gptq_method() -> Method:
+def qat_gptq_build():
     """qat's GPTQ init alone (activation order, static groups), no training: `qat quantize --init gptq
     --act-order` on the same calibration sentences as llm-compressor's GPTQ, the same dampening grid."""
     def build(bench, bits, setting, out):
@@ -199,29 +201,39 @@ def qat_gptq_method() -> Method:
 
         model = bench.fresh_float()
         config = QuantConfig(bits=bits, group_size=32, init="gptq", gptq_act_order=True,
-                             gptq_damp=setting["dampening"], include=[ENCODER_LINEARS])
+                             gptq_damp=setting["dampening"], include=[ENCODER_LINEARS],
+                             symmetric=setting.get("symmetric", True))
         batches = calibration_batches(bench.path, bench.calibration, bench.args.max_length)
         qat.quantize_model(model, config, calibration=batches)
         shutil.rmtree(out, ignore_errors=True)
         qat.export_model(model, out, source_dir=bench.path)
         return lambda: AutoModel.from_pretrained(str(out), dtype=torch.float32).eval(), out
 
-    return Method("qat_gptq", "pure", tuple({"dampening": d} for d in GPTQ_DAMPENING), build)
+    return build
+
+
+def gptq_grid(**fixed) -> tuple:
+    """A GPTQ row's tuning grid: the dampening fractions, each with the row's fixed settings."""
+    return tuple({"dampening": d, **fixed} for d in GPTQ_DAMPENING)
 
 
 def methods(a) -> dict[str, Method]:
     lr_grid = tuple({"learning_rate": BASELINE_LR * f} for f in LR_FACTORS)
     out = {name: qat_method(name, overrides, a) for name, overrides in {**QAT_RECIPES, **a.recipe}.items()}
     out.update({
-        "qat_gptq": qat_gptq_method(),
-        "llmc_gptq": Method("llmc_gptq", "pure", tuple({"dampening": d} for d in GPTQ_DAMPENING),
-                            lambda b, bits, s, o: llmc_model(b, bits, "gptq", s, o)),
+        "qat_gptq": Method("qat_gptq", "pure", gptq_grid(), qat_gptq_build()),
+        "qat_gptq_asym": Method("qat_gptq_asym", "pure", gptq_grid(symmetric=False), qat_gptq_build()),
+        "llmc_gptq": Method("llmc_gptq", "pure", gptq_grid(), lambda b, bits, s, o: llmc_model(b, bits, "gptq", s, o)),
         "llmc_rtn": Method("llmc_rtn", "pure", ({},), lambda b, bits, s, o: llmc_model(b, bits, "rtn", s, o)),
         # QuIP's input rotations (deterministic 128-block Hadamard, online) + GPTQ: the rotation qat's
         # online_hadamard_targets 'all' uses, so a rotated qat row meets the rotated post-training one
-        "llmc_quip_gptq": Method("llmc_quip_gptq", "pure", tuple({"dampening": d, "transform_block": 128}
-                                                                 for d in GPTQ_DAMPENING),
+        "llmc_quip_gptq": Method("llmc_quip_gptq", "pure", gptq_grid(transform_block=128),
                                  lambda b, bits, s, o: llmc_model(b, bits, "quip_gptq", s, o)),
+        # the same two with a zero point per group, for qat rows on an asymmetric grid (`symmetric: false`)
+        "llmc_gptq_asym": Method("llmc_gptq_asym", "pure", gptq_grid(symmetric=False),
+                                 lambda b, bits, s, o: llmc_model(b, bits, "gptq", s, o)),
+        "llmc_quip_gptq_asym": Method("llmc_quip_gptq_asym", "pure", gptq_grid(symmetric=False, transform_block=128),
+                                      lambda b, bits, s, o: llmc_model(b, bits, "quip_gptq", s, o)),
         "qlora_nf4": Method("qlora_nf4", "pure", lr_grid, qlora_model),
         "torchao": Method("torchao", "pure", lr_grid, torchao_model),
     })
@@ -327,8 +339,9 @@ def parse(argv):
         a.recipe = {k: json.loads(v) for k, v in (r.split("=", 1) for r in a.recipe)}
     except ValueError:
         p.error("--recipe takes NAME=JSON, e.g. --recipe qat_gptq='{\"quant_init\": \"gptq\"}'")
-    known = list(QAT_RECIPES) + list(a.recipe) + ["qat_gptq", "llmc_gptq", "llmc_rtn", "llmc_quip_gptq", "qlora_nf4", "torchao"]
-    a.methods = a.methods or known
+    default = list(QAT_RECIPES) + list(a.recipe) + ["qat_gptq", "llmc_gptq", "llmc_rtn", "llmc_quip_gptq", "qlora_nf4", "torchao"]
+    known = default + list(OPT_IN_ROWS)  # the asymmetric rows run only when named
+    a.methods = a.methods or default
     if unknown := [m for m in a.methods if m not in known]:
         p.error(f"unknown method(s) {unknown}: choose from {known} or add one with --recipe NAME=JSON")
     return a

@@ -73,6 +73,8 @@ def llmc_model(bench, bits: int, method: str, config: dict, out: Path):
            "--method", method, "--bits", str(bits), "--group_size", "32",
            "--dampening", str(config.get("dampening", 0.01)), "--calibration", str(calibration),
            "--max_length", str(bench.args.max_length), "--transform_block", str(config.get("transform_block", 128))]
+    if not config.get("symmetric", True):
+        cmd.append("--asymmetric")
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"llm-compressor failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")

@@ -172,3 +172,47 @@ def test_every_row_calibrates_on_the_same_count(tmp_path):
     a = script.parse(["--bits", "4", "--calibration", "64"])
     assert script.build_args(a, 4, tmp_path, {}).calibration_samples == 64
     assert script.recipe_values(a, 4, tmp_path, {"calibration_samples": 8})["calibration_samples"] == 8
+
+
+def test_asymmetric_rows_reach_both_quantizers(tmp_path, monkeypatch):
+    """The *_asym GPTQ rows are opt-in (the default run is unchanged) and really quantize with a zero
+    point: llm-compressor is called with --asymmetric (captured, its venv is not built here), and qat's
+    GPTQ-alone row exports a compressed-tensors config with symmetric false and zero points."""
+    script = _load_script()
+    assert not set(script.OPT_IN_ROWS) & set(script.parse(["--quick"]).methods)
+    a = script.parse(["--quick", "--bits", "2", "--methods", "qat_gptq_asym", "llmc_gptq_asym"])
+    table = script.methods(a)
+    for name in ("qat_gptq_asym", "llmc_gptq_asym", "llmc_quip_gptq_asym"):
+        assert all(s["symmetric"] is False for s in table[name].grid), name
+    assert all("symmetric" not in s for s in table["llmc_gptq"].grid)
+
+    import quality_baselines
+
+    calls = []
+
+    def capture(cmd, **kwargs):
+        calls.append(cmd)
+        raise RuntimeError("captured")
+
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    a.llmc_venv = str(tmp_path / "venv")
+    bench = type("Bench", (), {"a": a, "args": type("A", (), {"max_length": 16})(), "path": "m", "calibration": []})()
+    monkeypatch.setattr(quality_baselines.subprocess, "run", capture)
+    for setting in (table["llmc_gptq_asym"].grid[0], table["llmc_gptq"].grid[0]):
+        with pytest.raises(RuntimeError, match="captured"):
+            script.llmc_model(bench, 2, "gptq", setting, tmp_path / "out")
+    assert "--asymmetric" in calls[0] and "--asymmetric" not in calls[1]
+    monkeypatch.undo()
+    # qat's own asymmetric GPTQ row, end to end on the tiny model: the export holds zero points
+    out, work = tmp_path / "q", tmp_path / "w"
+    assert script.main(["--quick", "--bits", "2", "--methods", "qat_gptq_asym", "--out", str(out),
+                        "--page", str(tmp_path / "P.md"), "--workdir", str(work)]) == 0
+    row = json.loads((out / "quality.json").read_text())["results"]["2"]["qat_gptq_asym"]
+    config = json.loads((Path(row["export_dir"]) / "config.json").read_text())["quantization_config"]
+    weights = next(iter(config["config_groups"].values()))["weights"]
+    assert weights["symmetric"] is False and weights["num_bits"] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(Path(row["export_dir"]) / "model.safetensors"), "pt") as f:
+        assert any(k.endswith("weight_zero_point") for k in f.keys())
