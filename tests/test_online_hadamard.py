@@ -116,7 +116,8 @@ def test_recipe_refuses_a_bad_block_and_gguf_before_loading():
                          "--online_hadamard_targets", "every"])
     with pytest.raises(ValueError, match="GGUF files hold no online transform"):
         build_arguments(["--model_name_or_path", "/nonexistent", "--task", "causal_lm", "--distill", "none",
-                         "--online_hadamard", "32", "--bits", "4", "--export_format", "gguf"])
+                         "--online_hadamard", "32", "--bits", "4", "--export_format", "gguf",
+                         "--symmetric", "true"])  # GGUF's Q4_0 is symmetric: the default's zero point is refused first
 
 
 def test_cli_quantize_adds_the_transform_and_refuses_an_encoder(tmp_path, minilm_path):

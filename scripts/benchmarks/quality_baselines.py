@@ -78,9 +78,17 @@ def llmc_model(bench, bits: int, method: str, config: dict, out: Path):
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"llm-compressor failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
     from qat.online_hadamard import apply_export_transforms  # quip_gptq's online rotations (transform_config)
 
-    return lambda: apply_export_transforms(AutoModel.from_pretrained(str(out), dtype=torch.float32), out).eval(), out
+    # An asymmetric export holds its zero points packed along dim 0, which the plain load of transformers
+    # + compressed-tensors 0.20 cannot place (shape mismatch, docs/TRAINING_MODES.md "Asymmetric grids"):
+    # transformers' own run_compressed=False decompresses each layer instead (qat's exports say
+    # `dequantize: true` for the same reason).
+    kwargs = {} if config.get("symmetric", True) else {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+    return lambda: apply_export_transforms(AutoModel.from_pretrained(str(out), dtype=torch.float32, **kwargs),
+                                           out).eval(), out
 
 
 # ---------------------------------------------------------------------------------------- peft tools
