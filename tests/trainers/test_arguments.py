@@ -132,3 +132,13 @@ def test_deepspeed_config_that_upcasts_codes_is_refused_at_once(tmp_path):
         QATArguments(output_dir=str(tmp_path), report_to="none", deepspeed=cfg)
     with pytest.raises(ValueError, match="quantized_grads='int2'"):
         QATArguments(output_dir=str(tmp_path), report_to="none", quantized_grads="int2")
+
+
+def test_default_recipe_at_ternary_drops_its_zero_point(tmp_path):
+    """The default recipe is asymmetric, and ternary has no zero point: `qat train --bits 1.58` must
+    run (symmetric), while an explicit `--symmetric false` with ternary is still refused in one sentence."""
+    args = build_arguments(["--model_name_or_path", str(tmp_path), "--bits", "1.58"])
+    assert args.bits == 1.58 and args.symmetric is True
+    assert build_arguments(["--model_name_or_path", str(tmp_path)]).symmetric is False  # W4 keeps it
+    with pytest.raises(ValueError, match="symmetric"):
+        build_arguments(["--model_name_or_path", str(tmp_path), "--bits", "1.58", "--symmetric", "false"])
