@@ -202,8 +202,8 @@ def build_arguments(argv: list[str]) -> QATArguments:
         for key, value in given.items():
             check_value_type(key, value, where)
     values = {**recipe, **overrides}
-    if config is None and "symmetric" not in overrides and is_ternary(float(values.get("bits", 4))):
-        values["symmetric"] = True  # the default's zero point is for integer grids; ternary has none
+    if "bits" in overrides and "symmetric" not in overrides and is_ternary(float(overrides["bits"])):
+        values["symmetric"] = True  # `--bits 1.58` over an asymmetric recipe (the default): ternary has no zero point
     if not values.get("model_name_or_path"):
         raise ValueError("no model: set model_name_or_path in the recipe or pass --model_name_or_path PATH")
     values["model_name_or_path"] = resolve_model(str(values["model_name_or_path"]))

@@ -142,3 +142,11 @@ def test_default_recipe_at_ternary_drops_its_zero_point(tmp_path):
     assert build_arguments(["--model_name_or_path", str(tmp_path)]).symmetric is False  # W4 keeps it
     with pytest.raises(ValueError, match="symmetric"):
         build_arguments(["--model_name_or_path", str(tmp_path), "--bits", "1.58", "--symmetric", "false"])
+    # the default as a file (`--config encoder_distill.yaml --bits 1.58`) behaves the same
+    from_file = build_arguments(["--config", str(RECIPES / "encoder_distill.yaml"), "--bits", "1.58"])
+    assert from_file.symmetric is True
+    # a recipe that itself says ternary and asymmetric is refused, not silently changed
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": str(tmp_path), "bits": 1.58, "symmetric": False}))
+    with pytest.raises(ValueError, match="symmetric"):
+        build_arguments(["--config", str(recipe)])
