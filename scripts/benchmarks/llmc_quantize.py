@@ -4,11 +4,11 @@ own virtual environment (its pins, compressed-tensors 0.19 / transformers 5.17, 
     <venv>/bin/python scripts/benchmarks/llmc_quantize.py --model DIR --out DIR --method gptq --bits 4 \
         --group_size 32 --calibration sentences.json [--dampening 0.01] [--max_length 128] [--asymmetric]
 
-Weight-only, symmetric int (``--asymmetric``: a zero point per group), per group, on the encoder's linears (the pooler stays float, as in qat's
-rows); saved compressed (pack-quantized), which qat's environment reloads with transformers. ``quip_gptq``
-first applies llm-compressor's QuIPModifier with input rotations only (``rotations=["v"]``, deterministic
-block Hadamard of ``--transform_block``: the transform qat's ``online_hadamard_targets: all`` uses), saved
-as its ``transform_config``. Imports nothing from qat.
+Weight-only, symmetric int (``--asymmetric``: a zero point per group), per group, on the encoder's linears
+(the pooler stays float, as in qat's rows); saved compressed (pack-quantized), which qat's environment
+reloads with transformers. ``quip_gptq`` first applies llm-compressor's QuIPModifier with input rotations
+only (``rotations=["v"]``, deterministic block Hadamard of ``--transform_block``: the transform qat's
+``online_hadamard_targets: all`` uses), saved as its ``transform_config``. Imports nothing from qat.
 """
 
 from __future__ import annotations

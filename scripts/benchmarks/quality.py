@@ -188,28 +188,25 @@ def qat_method(name: str, overrides: dict, a) -> Method:
     return Method(name, "float adapters" if outside else "pure", grid, build)
 
 
-def qat_gptq_build():
+def qat_gptq_model(bench, bits: int, setting: dict, out: Path):
     """qat's GPTQ init alone (activation order, static groups), no training: `qat quantize --init gptq
     --act-order` on the same calibration sentences as llm-compressor's GPTQ, the same dampening grid."""
-    def build(bench, bits, setting, out):
-        import torch
-        from transformers import AutoModel
+    import torch
+    from transformers import AutoModel
 
-        import qat
-        from qat.cli import calibration_batches
-        from qat.config import QuantConfig
+    import qat
+    from qat.cli import calibration_batches
+    from qat.config import QuantConfig
 
-        model = bench.fresh_float()
-        config = QuantConfig(bits=bits, group_size=32, init="gptq", gptq_act_order=True,
-                             gptq_damp=setting["dampening"], include=[ENCODER_LINEARS],
-                             symmetric=setting.get("symmetric", True))
-        batches = calibration_batches(bench.path, bench.calibration, bench.args.max_length)
-        qat.quantize_model(model, config, calibration=batches)
-        shutil.rmtree(out, ignore_errors=True)
-        qat.export_model(model, out, source_dir=bench.path)
-        return lambda: AutoModel.from_pretrained(str(out), dtype=torch.float32).eval(), out
-
-    return build
+    model = bench.fresh_float()
+    config = QuantConfig(bits=bits, group_size=32, init="gptq", gptq_act_order=True,
+                         gptq_damp=setting["dampening"], include=[ENCODER_LINEARS],
+                         symmetric=setting.get("symmetric", True))
+    batches = calibration_batches(bench.path, bench.calibration, bench.args.max_length)
+    qat.quantize_model(model, config, calibration=batches)
+    shutil.rmtree(out, ignore_errors=True)
+    qat.export_model(model, out, source_dir=bench.path)
+    return lambda: AutoModel.from_pretrained(str(out), dtype=torch.float32).eval(), out
 
 
 def gptq_grid(**fixed) -> tuple:
@@ -221,8 +218,8 @@ def methods(a) -> dict[str, Method]:
     lr_grid = tuple({"learning_rate": BASELINE_LR * f} for f in LR_FACTORS)
     out = {name: qat_method(name, overrides, a) for name, overrides in {**QAT_RECIPES, **a.recipe}.items()}
     out.update({
-        "qat_gptq": Method("qat_gptq", "pure", gptq_grid(), qat_gptq_build()),
-        "qat_gptq_asym": Method("qat_gptq_asym", "pure", gptq_grid(symmetric=False), qat_gptq_build()),
+        "qat_gptq": Method("qat_gptq", "pure", gptq_grid(), qat_gptq_model),
+        "qat_gptq_asym": Method("qat_gptq_asym", "pure", gptq_grid(symmetric=False), qat_gptq_model),
         "llmc_gptq": Method("llmc_gptq", "pure", gptq_grid(), lambda b, bits, s, o: llmc_model(b, bits, "gptq", s, o)),
         "llmc_rtn": Method("llmc_rtn", "pure", ({},), lambda b, bits, s, o: llmc_model(b, bits, "rtn", s, o)),
         # QuIP's input rotations (deterministic 128-block Hadamard, online) + GPTQ: the rotation qat's

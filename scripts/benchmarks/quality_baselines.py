@@ -73,7 +73,8 @@ def llmc_model(bench, bits: int, method: str, config: dict, out: Path):
            "--method", method, "--bits", str(bits), "--group_size", "32",
            "--dampening", str(config.get("dampening", 0.01)), "--calibration", str(calibration),
            "--max_length", str(bench.args.max_length), "--transform_block", str(config.get("transform_block", 128))]
-    if not config.get("symmetric", True):
+    symmetric = config.get("symmetric", True)
+    if not symmetric:
         cmd.append("--asymmetric")
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -86,7 +87,7 @@ def llmc_model(bench, bits: int, method: str, config: dict, out: Path):
     # + compressed-tensors 0.20 cannot place (shape mismatch, docs/TRAINING_MODES.md "Asymmetric grids"):
     # transformers' own run_compressed=False decompresses each layer instead (qat's exports say
     # `dequantize: true` for the same reason).
-    kwargs = {} if config.get("symmetric", True) else {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+    kwargs = {} if symmetric else {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
     return lambda: apply_export_transforms(AutoModel.from_pretrained(str(out), dtype=torch.float32, **kwargs),
                                            out).eval(), out
 
