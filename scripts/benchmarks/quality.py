@@ -61,11 +61,26 @@ QAT_RECIPES = {
                          "adapter_init": "loftq_act", "train_mode": "fake_quant", "quant_init": "mse",
                          "learning_rate": 1e-3, "step_learning_rate": 1e-4},
 }
+
+
+def best_recipe(bits, steps: int) -> dict:
+    """The best recipe measured per width (docs/TRAINING_MODES.md, "Asymmetric grids" and "Online Hadamard"):
+    the default's asymmetric GPTQ start and frozen codes, every linear's input rotated online (b = 128; the
+    export needs the transform step), steps trained at a relative rate chosen on dev per width, for twice the
+    protocol's steps (600 by default: 600 beat 300 on dev at every width).
+    Ternary keeps the default's grid minus the zero point (build_arguments drops it for `--bits 1.58`)."""
+    step_lr = 5e-3 if bits in (4, 3) else 1.5e-2
+    return {"online_hadamard": 128, "online_hadamard_targets": "all", "step_lr_relative": True,
+            "step_learning_rate": step_lr, "max_steps": 2 * steps}
+
+
+# rows whose recipe depends on the width (and the protocol's steps): {name: (bits, steps) -> overrides}
+QAT_WIDTH_RECIPES = {"qat_best": best_recipe}
 # The tuning grids: the first --budget entries of each are tried on dev. Trained rows scale their
 # learning rates by LR_FACTORS; GPTQ tries dampening fractions; RTN has nothing to tune.
 LR_FACTORS = (1.0, 0.3, 3.0, 0.1)
 GPTQ_DAMPENING = (0.01, 0.1, 0.001, 0.05)
-OPT_IN_ROWS = ("qat_gptq_asym", "llmc_gptq_asym", "llmc_quip_gptq_asym")
+OPT_IN_ROWS = ("qat_best", "qat_gptq_asym", "llmc_gptq_asym", "llmc_quip_gptq_asym")
 BASELINE_LR = 1e-3  # the main job's adapter learning rate, the other tools' LoRA start from it too
 
 
@@ -73,7 +88,7 @@ BASELINE_LR = 1e-3  # the main job's adapter learning rate, the other tools' LoR
 class Method:
     name: str
     family: str  # "pure" (a low-bit model) or "float adapters" (low-bit base + float LoRA beside it)
-    grid: tuple  # settings, in the order they are tried
+    grid: object  # bits -> settings, in the order they are tried
     build: object  # (bench, bits, setting, out) -> (load the model to score, export folder or None)
 
 
@@ -168,19 +183,24 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------------------- methods
-def qat_method(name: str, overrides: dict, a) -> Method:
+def qat_method(name: str, overrides, a) -> Method:
+    """A qat row: ``overrides`` of the default recipe, a dict or a function of the width."""
     from qat.trainers.recipes import DEFAULT_RECIPE
 
-    lr = overrides.get("learning_rate", DEFAULT_RECIPE["learning_rate"])
-    step_lr = overrides.get("step_learning_rate", DEFAULT_RECIPE["step_learning_rate"])
-    grid = tuple({"learning_rate": lr * f, "step_learning_rate": step_lr * f} for f in LR_FACTORS)
-    recipe = {**DEFAULT_RECIPE, **overrides}
+    at_width = overrides if callable(overrides) else (lambda bits: overrides)
+
+    def grid(bits) -> tuple:
+        lr = at_width(bits).get("learning_rate", DEFAULT_RECIPE["learning_rate"])
+        step_lr = at_width(bits).get("step_learning_rate", DEFAULT_RECIPE["step_learning_rate"])
+        return tuple({"learning_rate": lr * f, "step_learning_rate": step_lr * f} for f in LR_FACTORS)
+
+    recipe = {**DEFAULT_RECIPE, **at_width(4)}
     outside = recipe.get("adapter", "none") != "none" and recipe.get("adapter_placement") == "outside"
 
     def build(bench, bits, setting, out):
         from qat.trainers.run import reload_export, run
 
-        args = build_args(bench.a, bits, out, {**overrides, **setting})
+        args = build_args(bench.a, bits, out, {**at_width(bits), **setting})
         metrics = run(args)
         export_dir = Path(metrics["export_dir"])
         return (lambda: reload_export(args, export_dir)), export_dir
@@ -197,7 +217,10 @@ def qat_gptq_model(bench, bits: int, setting: dict, out: Path):
     import qat
     from qat.cli import calibration_batches
     from qat.config import QuantConfig
+    from qat.primitives import is_ternary
 
+    if is_ternary(bits) and not setting.get("symmetric", True):
+        raise NotRun("ternary has no zero point ({-1, 0, 1} * s is symmetric): see the symmetric row")
     model = bench.fresh_float()
     config = QuantConfig(bits=bits, group_size=32, init="gptq", gptq_act_order=True,
                          gptq_damp=setting["dampening"], include=[ENCODER_LINEARS],
@@ -209,19 +232,26 @@ def qat_gptq_model(bench, bits: int, setting: dict, out: Path):
     return lambda: AutoModel.from_pretrained(str(out), dtype=torch.float32).eval(), out
 
 
-def gptq_grid(**fixed) -> tuple:
+def gptq_grid(**fixed):
     """A GPTQ row's tuning grid: the dampening fractions, each with the row's fixed settings."""
-    return tuple({"dampening": d, **fixed} for d in GPTQ_DAMPENING)
+    return lambda bits: tuple({"dampening": d, **fixed} for d in GPTQ_DAMPENING)
+
+
+def fixed_grid(*settings):
+    """A grid that is the same at every width."""
+    return lambda bits: settings
 
 
 def methods(a) -> dict[str, Method]:
-    lr_grid = tuple({"learning_rate": BASELINE_LR * f} for f in LR_FACTORS)
-    out = {name: qat_method(name, overrides, a) for name, overrides in {**QAT_RECIPES, **a.recipe}.items()}
+    lr_grid = fixed_grid(*({"learning_rate": BASELINE_LR * f} for f in LR_FACTORS))
+    by_width = {name: (lambda bits, f=f: f(bits, a.steps)) for name, f in QAT_WIDTH_RECIPES.items()}
+    recipes = {**QAT_RECIPES, **by_width, **a.recipe}
+    out = {name: qat_method(name, overrides, a) for name, overrides in recipes.items()}
     out.update({
         "qat_gptq": Method("qat_gptq", "pure", gptq_grid(), qat_gptq_model),
         "qat_gptq_asym": Method("qat_gptq_asym", "pure", gptq_grid(symmetric=False), qat_gptq_model),
         "llmc_gptq": Method("llmc_gptq", "pure", gptq_grid(), lambda b, bits, s, o: llmc_model(b, bits, "gptq", s, o)),
-        "llmc_rtn": Method("llmc_rtn", "pure", ({},), lambda b, bits, s, o: llmc_model(b, bits, "rtn", s, o)),
+        "llmc_rtn": Method("llmc_rtn", "pure", fixed_grid({}), lambda b, bits, s, o: llmc_model(b, bits, "rtn", s, o)),
         # QuIP's input rotations (deterministic 128-block Hadamard, online) + GPTQ: the rotation qat's
         # online_hadamard_targets 'all' uses, so a rotated qat row meets the rotated post-training one
         "llmc_quip_gptq": Method("llmc_quip_gptq", "pure", gptq_grid(transform_block=128),
@@ -241,7 +271,7 @@ def methods(a) -> dict[str, Method]:
 def tune(bench: Bench, method: Method, bits: int) -> dict:
     """Try the first --budget settings of the method's grid, score each on dev, keep the best (by cosine)."""
     tried, best = [], None
-    for i, setting in enumerate(method.grid[: bench.a.budget]):
+    for i, setting in enumerate(method.grid(bits)[: bench.a.budget]):
         start = time.perf_counter()
         load, export_dir = method.build(bench, bits, setting, bench.workdir / f"{method.name}-w{bits}-{i}")
         dev = bench.score_dev(load())

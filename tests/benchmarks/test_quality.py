@@ -141,7 +141,7 @@ def test_added_recipe_is_a_row_with_its_family():
     from qat.trainers.recipes import DEFAULT_RECIPE
 
     lrs = {k: DEFAULT_RECIPE[k] for k in ("learning_rate", "step_learning_rate")}
-    assert table["qat_default"].grid[0] == lrs  # the first setting tried is the default's own
+    assert table["qat_default"].grid(4)[0] == lrs  # the first setting tried is the default's own
 
 
 def test_ternary_width_parses_and_tools_without_it_say_so(tmp_path):
@@ -157,6 +157,25 @@ def test_ternary_width_parses_and_tools_without_it_say_so(tmp_path):
             build()
     with pytest.raises(SystemExit):
         script.parse(["--bits", "5"])
+
+
+def test_best_row_takes_its_width_s_recipe(tmp_path):
+    """qat_best (opt-in) is one row whose recipe depends on the width: its step learning rate (chosen on dev
+    per width) is the grid's first setting at that width, and the job it runs gets the rotation, the
+    relative rates and twice the protocol's steps; at ternary the default's zero point is dropped, and the
+    asymmetric GPTQ-alone row says why it has no ternary form instead of failing the run."""
+    script = _load_script()
+    a = script.parse(["--bits", "4", "2", "1.58", "--methods", "qat_best", "qat_gptq_asym"])
+    best = script.methods(a)["qat_best"]
+    assert best.grid(4)[0]["step_learning_rate"] == 5e-3 and best.grid(2)[0]["step_learning_rate"] == 1.5e-2
+    assert best.grid(2)[1]["step_learning_rate"] == pytest.approx(1.5e-2 * script.LR_FACTORS[1])
+    for bits in (4, 2, 1.58):
+        args = script.build_args(a, bits, tmp_path, {**script.best_recipe(bits, a.steps), **best.grid(bits)[0]})
+        assert (args.max_steps, args.online_hadamard, args.online_hadamard_targets, args.step_lr_relative) == \
+            (2 * a.steps, 128, "all", True)
+        assert args.symmetric is (bits == 1.58)  # asymmetric like the default, but ternary has no zero point
+    with pytest.raises(script.NotRun, match="no zero point"):
+        script.qat_gptq_model(None, 1.58, {"dampening": 0.01, "symmetric": False}, tmp_path / "x")
 
 
 def test_every_row_calibrates_on_the_same_count(tmp_path):
@@ -183,8 +202,8 @@ def test_asymmetric_rows_reach_both_quantizers(tmp_path, monkeypatch):
     a = script.parse(["--quick", "--bits", "2", "--methods", "qat_gptq_asym", "llmc_gptq_asym"])
     table = script.methods(a)
     for name in ("qat_gptq_asym", "llmc_gptq_asym", "llmc_quip_gptq_asym"):
-        assert all(s["symmetric"] is False for s in table[name].grid), name
-    assert all("symmetric" not in s for s in table["llmc_gptq"].grid)
+        assert all(s["symmetric"] is False for s in table[name].grid(2)), name
+    assert all("symmetric" not in s for s in table["llmc_gptq"].grid(2))
 
     import quality_baselines
 
@@ -199,7 +218,7 @@ def test_asymmetric_rows_reach_both_quantizers(tmp_path, monkeypatch):
     a.llmc_venv = str(tmp_path / "venv")
     bench = type("Bench", (), {"a": a, "args": type("A", (), {"max_length": 16})(), "path": "m", "calibration": []})()
     monkeypatch.setattr(quality_baselines.subprocess, "run", capture)
-    for setting in (table["llmc_gptq_asym"].grid[0], table["llmc_gptq"].grid[0]):
+    for setting in (table["llmc_gptq_asym"].grid(2)[0], table["llmc_gptq"].grid(2)[0]):
         with pytest.raises(RuntimeError, match="captured"):
             script.llmc_model(bench, 2, "gptq", setting, tmp_path / "out")
     assert "--asymmetric" in calls[0] and "--asymmetric" not in calls[1]
