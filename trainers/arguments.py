@@ -181,12 +181,6 @@ class QATArguments(TrainingArguments):
     distill_weight: float | None = field(default=None, metadata={"help":
         "The weight w in loss = (1 - w) task + w distill; unset means 0.5 when there are labels, 1 for embedding."})
     distill_temperature: float = field(default=1.0, metadata={"help": "The softmax temperature of the 'kl' loss."})
-    distill_neighbours: float = field(default=0.0, metadata={"help":
-        "task 'embedding' (distill cosine or mse): add this weight x the in-batch neighbour KL, each sentence's "
-        "softmax over its cosines to the batch's other sentences, student against teacher: a signal on which "
-        "sentence is nearest. 0 is off."})
-    distill_neighbour_temperature: float = field(default=0.05, metadata={"help":
-        "The softmax temperature of distill_neighbours (small: the nearest neighbours dominate)."})
     disable_dropout: bool = field(default=True, metadata={"help":
         "Turn the model's dropout off while training (every nn.Dropout to p=0, as TRL's disable_dropout does): "
         "the frozen base already regularises, and against a deterministic float teacher dropout noise is most "
@@ -242,12 +236,6 @@ class QATArguments(TrainingArguments):
             raise ValueError(f"distill_weight={self.distill_weight}: use a value in [0, 1]")
         if self.distill == "kl" and self.task == "embedding":
             raise ValueError("distill='kl' needs logits: for task 'embedding' use 'cosine' or 'mse'")
-        if self.distill_neighbours < 0 or self.distill_neighbour_temperature <= 0:
-            raise ValueError(f"distill_neighbours={self.distill_neighbours}, distill_neighbour_temperature="
-                             f"{self.distill_neighbour_temperature}: use a weight >= 0 and a temperature > 0")
-        if self.distill_neighbours and not (self.task == "embedding" and self.distill in ("cosine", "mse")):
-            raise ValueError(f"distill_neighbours compares sentence embeddings: it needs task 'embedding' with "
-                             f"distill 'cosine' or 'mse' (here task {self.task!r}, distill {self.distill!r})")
         if self.task == "embedding" and self.distill == "none":
             raise ValueError("task 'embedding' has no labels: set distill to 'cosine' or 'mse'")
         if self.max_steps == 0 or self.max_steps < -1:

@@ -8,9 +8,6 @@ distill:
   cosine  embedding: 1 - cos(mean-pooled student, mean-pooled teacher), the sentence-embedding metric
   hidden_mse  any task: per-token MSE of every layer's output hidden state, each layer divided by
           the variance of the teacher's (see :func:`hidden_state_mse`)
-
-embedding, cosine or mse, with ``distill_neighbours`` w > 0: + w * in-batch neighbour KL
-(:func:`neighbour_kl`), a signal on which sentence of the batch is nearest, what NN agreement scores.
 """
 
 from __future__ import annotations
@@ -76,30 +73,7 @@ def hidden_state_mse(student: tuple, teacher: tuple, attention_mask: torch.Tenso
     return total / len(layers)
 
 
-def neighbour_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In-batch neighbour distillation: student and teacher sentence embeddings [B, H] ->
-
-        1/B sum_i KL(p_i^T || p_i^S),   p_i(j) = softmax_{j != i}(cos(e_i, e_j) / temperature)
-
-    Each sentence's distribution over the other sentences of its batch, sharpened by a small temperature so
-    that its nearest neighbours dominate: matching them is matching who is nearest, which a per-sentence
-    cosine does not see (two sentences can each keep 0.99 cosine to their float selves and still swap
-    neighbours). A batch of one has no neighbours: 0.
-    """
-    n = student.shape[0]
-    if n < 2:
-        return student.sum() * 0.0
-    s = F.normalize(student.float(), dim=-1)
-    t = F.normalize(teacher.float(), dim=-1)
-    self_pair = torch.eye(n, dtype=torch.bool, device=s.device)             # [B, B]
-    log_ps = F.log_softmax((s @ s.T / temperature).masked_fill(self_pair, float("-inf")), dim=-1)
-    log_pt = F.log_softmax((t @ t.T / temperature).masked_fill(self_pair, float("-inf")), dim=-1)
-    per_pair = torch.where(self_pair, 0.0, log_pt.exp() * (log_pt - log_ps))  # the diagonal is -inf - -inf
-    return per_pair.sum(-1).mean()
-
-
-def distill_loss(kind: str, task: str, student_out, teacher_out, inputs: dict, temperature: float,
-                 neighbours: float = 0.0, neighbour_temperature: float = 0.05) -> torch.Tensor:
+def distill_loss(kind: str, task: str, student_out, teacher_out, inputs: dict, temperature: float) -> torch.Tensor:
     if kind == "hidden_mse":
         mask = inputs.get("attention_mask")
         if mask is None:
@@ -109,12 +83,8 @@ def distill_loss(kind: str, task: str, student_out, teacher_out, inputs: dict, t
         s, t = student_out.last_hidden_state, teacher_out.last_hidden_state  # [B, T, H]
         mask = inputs["attention_mask"]
         if kind == "cosine":
-            loss = (1 - F.cosine_similarity(mean_pool(s, mask).float(), mean_pool(t, mask).float(), dim=-1)).mean()
-        else:
-            loss = masked_mse(s, t, mask.bool())
-        if neighbours:
-            loss = loss + neighbours * neighbour_kl(mean_pool(s, mask), mean_pool(t, mask), neighbour_temperature)
-        return loss
+            return (1 - F.cosine_similarity(mean_pool(s, mask).float(), mean_pool(t, mask).float(), dim=-1)).mean()
+        return masked_mse(s, t, mask.bool())
     s, t = student_out.logits, teacher_out.logits
     if task == "seq_cls":  # [B, C]: one position per example
         mask = torch.ones(s.shape[:-1], device=s.device)

@@ -248,8 +248,7 @@ class QATTrainer(Trainer):
         if self.teacher is not None and args.distill != "none":
             with torch.no_grad():
                 teacher_out = self.teacher(**model_inputs(inputs, args.task), **extra)
-            d = distill_loss(args.distill, args.task, outputs, teacher_out, inputs, args.distill_temperature,
-                             args.distill_neighbours, args.distill_neighbour_temperature)
+            d = distill_loss(args.distill, args.task, outputs, teacher_out, inputs, args.distill_temperature)
             loss = d if task_loss is None else (1 - args.distill_weight) * task_loss + args.distill_weight * d
             if self._in_training_step:  # not evaluation
                 self._loss_parts.append((float("nan") if task_loss is None else task_loss.item(), d.item()))

@@ -5,9 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-import pytest
-
-from qat.trainers.losses import distill_loss, kl_logits, mean_pool, neighbour_kl
+from qat.trainers.losses import distill_loss, kl_logits, mean_pool
 
 
 def test_kl_matches_float64_formula():
@@ -53,47 +51,6 @@ def test_cosine_embedding_loss_is_one_minus_pooled_cosine():
     assert math.isclose(got.item(), sum(want) / 3, rel_tol=1e-5)  # fp32 pooling of 6x8 values
     pooled = mean_pool(hs, mask)
     assert torch.allclose(pooled[2], hs[2, 0])  # padding never enters the pooled embedding
-
-
-def test_neighbour_kl_matches_float64_formula():
-    """distill_neighbours: each sentence's softmax over its cosines to the *other* sentences of the batch
-    (temperature tau), KL(teacher || student), averaged over sentences, written out in float64 loops."""
-    torch.manual_seed(3)
-    s, t, tau = torch.randn(5, 8), torch.randn(5, 8), 0.1
-    cos = lambda e, i, j: float(e[i].double() @ e[j].double() / (e[i].double().norm() * e[j].double().norm()))
-    want = 0.0
-    for i in range(5):
-        others = [j for j in range(5) if j != i]
-        p = torch.softmax(torch.tensor([cos(t, i, j) / tau for j in others], dtype=torch.float64), 0)
-        q = torch.softmax(torch.tensor([cos(s, i, j) / tau for j in others], dtype=torch.float64), 0)
-        want += float((p * (p.log() - q.log())).sum()) / 5
-    # fp32 cosines of 8 values divided by 0.1: logit error ~1e-6, relative error of the KL ~1e-5
-    assert math.isclose(neighbour_kl(s, t, tau).item(), want, rel_tol=1e-4)
-    assert neighbour_kl(t * 3.0, t, tau).abs().item() < 1e-6  # scale-free: the same directions cost nothing
-    assert neighbour_kl(s[:1], t[:1], tau).item() == 0.0  # one sentence has no neighbours
-
-
-def test_neighbour_term_adds_to_the_cosine_loss_with_its_weight():
-    torch.manual_seed(4)
-    hs, ht = torch.randn(4, 6, 8, requires_grad=True), torch.randn(4, 6, 8)
-    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] * 2 + [0] * 4])
-    outs = SimpleNamespace(last_hidden_state=hs), SimpleNamespace(last_hidden_state=ht)
-    plain = distill_loss("cosine", "embedding", *outs, {"attention_mask": mask}, 1.0)
-    both = distill_loss("cosine", "embedding", *outs, {"attention_mask": mask}, 1.0, 0.5, 0.05)
-    kl = neighbour_kl(mean_pool(hs, mask), mean_pool(ht, mask), 0.05)
-    assert kl.item() > 0 and math.isclose(both.item(), plain.item() + 0.5 * kl.item(), rel_tol=1e-6)
-    both.backward()
-    assert torch.isfinite(hs.grad).all() and hs.grad[3, 2:].abs().max() == 0  # padding gets no gradient
-
-
-def test_neighbour_weight_is_refused_where_it_means_nothing(tmp_path):
-    from qat.trainers.arguments import QATArguments
-
-    with pytest.raises(ValueError, match="needs task 'embedding'"):
-        QATArguments(output_dir=str(tmp_path), task="causal_lm", distill="kl", distill_neighbours=1.0)
-    with pytest.raises(ValueError, match="temperature > 0"):
-        QATArguments(output_dir=str(tmp_path), task="embedding", distill="cosine", distill_neighbours=1.0,
-                     distill_neighbour_temperature=0.0)
 
 
 def test_mse_on_hidden_states_and_on_logits_ignores_padding():
