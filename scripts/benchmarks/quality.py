@@ -190,8 +190,8 @@ def qat_method(name: str, overrides, a) -> Method:
     at_width = overrides if callable(overrides) else (lambda bits: overrides)
 
     def grid(bits) -> tuple:
-        lr = at_width(bits).get("learning_rate", DEFAULT_RECIPE["learning_rate"])
-        step_lr = at_width(bits).get("step_learning_rate", DEFAULT_RECIPE["step_learning_rate"])
+        recipe = {**DEFAULT_RECIPE, **at_width(bits)}
+        lr, step_lr = recipe["learning_rate"], recipe["step_learning_rate"]
         return tuple({"learning_rate": lr * f, "step_learning_rate": step_lr * f} for f in LR_FACTORS)
 
     recipe = {**DEFAULT_RECIPE, **at_width(4)}
