@@ -183,7 +183,7 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------------------- methods
-def qat_method(name: str, overrides, a) -> Method:
+def qat_method(name: str, overrides) -> Method:
     """A qat row: ``overrides`` of the default recipe, a dict or a function of the width."""
     from qat.trainers.recipes import DEFAULT_RECIPE
 
@@ -246,7 +246,7 @@ def methods(a) -> dict[str, Method]:
     lr_grid = fixed_grid(*({"learning_rate": BASELINE_LR * f} for f in LR_FACTORS))
     by_width = {name: (lambda bits, f=f: f(bits, a.steps)) for name, f in QAT_WIDTH_RECIPES.items()}
     recipes = {**QAT_RECIPES, **by_width, **a.recipe}
-    out = {name: qat_method(name, overrides, a) for name, overrides in recipes.items()}
+    out = {name: qat_method(name, overrides) for name, overrides in recipes.items()}
     out.update({
         "qat_gptq": Method("qat_gptq", "pure", gptq_grid(), qat_gptq_model),
         "qat_gptq_asym": Method("qat_gptq_asym", "pure", gptq_grid(symmetric=False), qat_gptq_model),
