@@ -80,6 +80,7 @@ def _quant_config(args):
         overrides=_parse_overrides(args.override),
         gptq_damp=getattr(args, "damp", 0.01),
         gptq_act_order=getattr(args, "act_order", False),
+        gptq_target=getattr(args, "gptq_target", "quantized"),
         act_bits=getattr(args, "act_bits", None),
     )
 
@@ -91,6 +92,9 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-samples", type=int, default=256, help="The texts used for calibration (default 256).")
     p.add_argument("--calibration-max-length", type=int, default=128, help="The tokens per calibration text (default 128).")
     p.add_argument("--damp", type=float, default=0.01, help="The GPTQ dampening, a share of the mean Hessian diagonal (default 0.01).")
+    p.add_argument("--gptq-target", choices=("quantized", "float"), default="quantized",
+                   help="What each GPTQ layer fits: its own outputs on the quantized inputs (GPTQ, default) or the "
+                        "float model's outputs (also undoes the error of the quantized layers before it).")
     p.add_argument("--act-order", action="store_true",
                    help="GPTQ in decreasing input-energy order (static groups: the export stays plain group-wise).")
 

@@ -14,6 +14,7 @@ from qat.act_quant import check_act_settings
 
 STEP_INITS = ("rtn", "mse", "gptq")  # gptq: error-compensating codes from calibration data (qat.gptq)
 GPTQ_STEP_SEARCHES = ("rtn", "mse")  # how GPTQ picks each group's step
+GPTQ_TARGETS = ("quantized", "float")  # what each layer fits: its outputs on the quantized inputs, or the float model's
 # Module-name patterns (regular expressions, matched with re.search) left in float by default:
 # the output head and classifier heads, whose errors hit the loss directly.
 DEFAULT_EXCLUDE = [r"(^|\.)lm_head$", r"(^|\.)(score|classifier|qa_outputs)$"]
@@ -85,6 +86,8 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
     gptq_step_init: str = "mse"
+    # "float": each layer fits the float model's outputs from its quantized inputs (GPTAQ), qat.gptq
+    gptq_target: str = "quantized"
 
     # Activation fake-quantization of every quantized layer's input (qat.act_quant): None keeps
     # activations float; 8 with "dynamic_token" is W8A8 / W4A8 int8 per-token, "static_tensor" a
@@ -96,6 +99,8 @@ class QuantConfig:
         self.group_size = self.default_spec().group_size  # validates the global settings; -1 -> None, here once
         if not self.gptq_damp > 0:
             raise ValueError(f"gptq_damp={self.gptq_damp}: use a positive share of the mean Hessian diagonal, e.g. 0.01")
+        if self.gptq_target not in GPTQ_TARGETS:
+            raise ValueError(f"gptq_target={self.gptq_target!r}: use one of {GPTQ_TARGETS}")
         if self.gptq_step_init not in GPTQ_STEP_SEARCHES:
             raise ValueError(f"gptq_step_init={self.gptq_step_init!r}: use one of {GPTQ_STEP_SEARCHES}")
         check_act_settings(self.act_bits, self.act_scheme)

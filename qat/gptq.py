@@ -18,16 +18,28 @@ front, so the exported model stays plain group-wise (no column permutation, no g
 
 :func:`quantize_model_gptq` runs it on a model sequentially: block by block (qat.blocks), each
 layer's H taken on the outputs of the already-quantized layers before it; one H in memory at a time.
+
+``target="float"`` (GPTAQ's asymmetric calibration) fits the float model's outputs instead of the
+float layer applied to the quantized inputs: with X_q the layer's inputs in the quantized chain and
+X_f the same tokens' inputs in the float model,
+
+    min ||X_f W^T - X_q Wq^T||^2  =  ||X_q (W*^T - Wq^T)||^2 + const,   W* = W + W (X_q^T (X_f - X_q))^T H^-1
+
+(W* is the least-squares weight on the quantized inputs; the residual is orthogonal to X_q's columns),
+so GPTQ runs unchanged on W* with H = X_q^T X_q, H^-1 dampened as GPTQ's own. Each layer then also
+undoes the error the quantized layers before it left, which plain GPTQ leaves to the next stage.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
 
 from qat import primitives as P
-from qat.blocks import advance, capture_block_inputs, find_blocks, model_kwargs, real_tokens
-from qat.config import LayerSpec
+from qat.blocks import advance, block_output, capture_block_inputs, clone_items, find_blocks, model_kwargs, real_tokens
+from qat.config import GPTQ_TARGETS, LayerSpec
 from qat.quant_linear import QuantLinear, is_conv1d
 
 COLUMN_BLOCK = 128  # columns updated together before the lazy update of the rest (GPTQ's B)
@@ -125,9 +137,20 @@ def gptq_quantize(
 
 
 # ------------------------------------------------------------------------------------ whole model
+def float_target_weight(weight: torch.Tensor, H: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* [out, in] (float64) = W + W (C - H)^T H_d^-1 with C = X_q^T X_f [in, in] and H_d GPTQ's dampened H:
+    the weight whose outputs on the quantized inputs best match the float layer's on the float inputs.
+    Equal to W when the two inputs are equal (C = H), whatever the dampening."""
+    W = weight.detach().double()
+    H_d = prepare_hessian(H, damp)
+    correction = torch.cholesky_solve((cross.double() - H.double()) @ W.t(), torch.linalg.cholesky(H_d))  # [in, out]
+    return W + correction.t()
+
+
 def layer_from_gptq(module: nn.Module, spec: LayerSpec, H: torch.Tensor, name: str, damp: float,
-                    act_order: bool, step_init: str) -> QuantLinear:
-    """A QuantLinear whose step-0 weight is the GPTQ solution, at any storage width.
+                    act_order: bool, step_init: str, cross: torch.Tensor | None = None) -> QuantLinear:
+    """A QuantLinear whose step-0 weight is the GPTQ solution, at any storage width. With ``cross`` =
+    X_q^T X_f, GPTQ fits the float model's outputs (:func:`float_target_weight`).
 
     The GPTQ codes q and steps s (grid ``spec.bits``) become the frozen base (W0 = s (q - z));
     the trained steps start at s, so W_hat = s (round(W0 / s + z) - z) = W0: at storage = bits the
@@ -136,7 +159,8 @@ def layer_from_gptq(module: nn.Module, spec: LayerSpec, H: torch.Tensor, name: s
     weight = weight.t() if is_conv1d(module) else weight
     dtype = weight.dtype if weight.is_floating_point() else torch.float32
     group = P.check_group_size(weight.shape[1], spec.group_size, name)
-    codes, scale, zero = gptq_quantize(weight.float(), H, spec.bits, group, spec.symmetric, step_init,
+    target = weight.float() if cross is None else float_target_weight(weight, H, cross, damp).float()
+    codes, scale, zero = gptq_quantize(target, H, spec.bits, group, spec.symmetric, step_init,
                                        damp, act_order, scale_dtype=dtype)
     bias = None if module.bias is None else module.bias.detach()
     layer = QuantLinear.from_codes(codes, scale, zero, spec, bias=bias, dtype=dtype, name=name)
@@ -156,6 +180,30 @@ class _HessianHook:
         self.H += x.T @ x
 
 
+class _FloatInputHook:
+    """Forward pre-hook keeping the real tokens of one layer's input in the float model (one batch)."""
+
+    def __init__(self):
+        self.x, self.token_mask = None, None
+
+    def __call__(self, _module, args):
+        self.x = real_tokens(args[0], self.token_mask).double()
+
+
+class _CrossHook(_HessianHook):
+    """Adds x_q x_q^T into H and x_q x_f^T into C, x_f the float model's input of the same tokens."""
+
+    def __init__(self, in_features: int, device, float_input: _FloatInputHook):
+        super().__init__(in_features, device)
+        self.C = torch.zeros_like(self.H)
+        self.float_input = float_input
+
+    def __call__(self, _module, args):
+        x = real_tokens(args[0], self.token_mask).double()
+        self.H += x.T @ x
+        self.C += x.T @ self.float_input.x
+
+
 def _in_features(module: nn.Module) -> int:
     return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
 
@@ -173,23 +221,48 @@ def _hessian(module: nn.Module, runs) -> torch.Tensor:
     return hook.H
 
 
+def _hessian_and_cross(module: nn.Module, float_module: nn.Module, runs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, C) of ``module``'s inputs X_q and ``float_module``'s X_f over ``runs`` = [(token_mask, run the
+    float model's batch, run the quantized model's same batch)]: H = X_q^T X_q, C = X_q^T X_f."""
+    float_input = _FloatInputHook()
+    hook = _CrossHook(_in_features(module), module.weight.device, float_input)
+    handles = [float_module.register_forward_pre_hook(float_input), module.register_forward_pre_hook(hook)]
+    try:
+        for mask, run_float, run_quantized in runs:
+            float_input.token_mask = hook.token_mask = mask
+            run_float()
+            run_quantized()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hook.H, hook.C
+
+
 @torch.no_grad()
 def quantize_model_gptq(model: nn.Module, plans: list[tuple[str, nn.Module, LayerSpec]], batches: list[dict],
                         damp: float = 0.01, act_order: bool = False, step_init: str = "mse",
-                        on_layer=None) -> None:
+                        on_layer=None, target: str = "quantized") -> None:
     """Replace each planned layer by its GPTQ QuantLinear, sequentially, in place.
 
     Block by block: block i's inputs are the outputs of blocks < i as already quantized, and each
     layer's H is taken with the layers before it in its block already replaced. Layers outside the
     blocks (a pooler, a head) follow, their H taken by whole-model forwards of the quantized model.
     ``on_layer(name, float_module, layer)`` is called after each replacement (e.g. for a report).
+    ``target="float"``: each block layer fits the float model's outputs (module docstring); the float
+    chain is a copy of each block taken before its layers are replaced.
     """
     from qat.surgery import set_submodule
 
-    def replace(name, module, spec, runs):
-        H = _hessian(module, runs)
-        layer = layer_from_gptq(module, spec, H, name, damp, act_order, step_init)
-        del H  # one layer's H at a time
+    if target not in GPTQ_TARGETS:
+        raise ValueError(f"gptq_target={target!r}: use one of {GPTQ_TARGETS}")
+
+    def replace(name, module, spec, runs, float_module=None):
+        if float_module is None:
+            H, C = _hessian(module, runs), None
+        else:
+            H, C = _hessian_and_cross(module, float_module, runs)
+        layer = layer_from_gptq(module, spec, H, name, damp, act_order, step_init, cross=C)
+        del H, C  # one layer's H (and C) at a time
         set_submodule(model, name, layer)
         if on_layer is not None:
             on_layer(name, module, layer)
@@ -197,12 +270,12 @@ def quantize_model_gptq(model: nn.Module, plans: list[tuple[str, nn.Module, Laye
     was_training = model.training
     model.eval()  # no dropout in the statistics
     try:
-        _sequential(model, plans, batches, replace)
+        _sequential(model, plans, batches, replace, float_chain=target == "float")
     finally:
         model.train(was_training)
 
 
-def _sequential(model, plans, batches, replace) -> None:
+def _sequential(model, plans, batches, replace, float_chain: bool = False) -> None:
     try:
         blocks_name, blocks = find_blocks(model)
     except ValueError:
@@ -210,14 +283,24 @@ def _sequential(model, plans, batches, replace) -> None:
     done = set()
     if blocks_name is not None and any(n.startswith(blocks_name + ".") for n, _, _ in plans):
         items = capture_block_inputs(model, blocks, batches)
+        float_items = clone_items(items) if float_chain else None  # block 0's inputs are float in both
         for i, block in enumerate(blocks):
             prefix = f"{blocks_name}.{i}."
+            float_block = copy.deepcopy(block) if float_chain else None  # before any of its layers is replaced
             for name, module, spec in [p for p in plans if p[0].startswith(prefix)]:
-                runs = [(it.token_mask, lambda it=it: block(it.hidden, *it.args, **it.kwargs)) for it in items]
-                replace(name, module, spec, runs)
+                if float_chain:
+                    runs = [(it.token_mask, lambda f=f: block_output(float_block, f), lambda it=it: block_output(block, it))
+                            for it, f in zip(items, float_items)]
+                    replace(name, module, spec, runs, float_block.get_submodule(name[len(prefix):]))
+                else:
+                    runs = [(it.token_mask, lambda it=it: block(it.hidden, *it.args, **it.kwargs)) for it in items]
+                    replace(name, module, spec, runs)
                 done.add(name)
             advance(block, items)
-        del items
+            if float_chain:
+                advance(float_block, float_items)
+                del float_block
+        del items, float_items
     for name, module, spec in plans:
         if name not in done:
             runs = [(b.get("attention_mask", None), lambda b=b: model(**model_kwargs(model, b))) for b in batches]

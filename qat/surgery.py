@@ -85,7 +85,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None,
         from qat.gptq import quantize_model_gptq
 
         quantize_model_gptq(model, gptq_plans, calibration, damp=config.gptq_damp, act_order=config.gptq_act_order,
-                            step_init=config.gptq_step_init, on_layer=finish)
+                            step_init=config.gptq_step_init, on_layer=finish, target=config.gptq_target)
     model.qat_config = config
     return model
 

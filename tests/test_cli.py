@@ -65,3 +65,13 @@ def test_help_lists_every_command(capsys):
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("usage: qat train") and "--adapter_rank" in text and "TrainingArguments field" in text
+
+
+def test_quantize_gptq_flags_reach_the_config():
+    from qat.cli import _quant_config
+
+    args = build_parser().parse_args(["quantize", "--model", "M", "--out", "O", "--init", "gptq", "--act-order", "--damp", "0.1",
+                                      "--gptq-target", "float"])
+    config = _quant_config(args)
+    assert (config.init, config.gptq_act_order, config.gptq_damp, config.gptq_target) == ("gptq", True, 0.1, "float")
+    assert _quant_config(build_parser().parse_args(["quantize", "--model", "M", "--out", "O"])).gptq_target == "quantized"

@@ -133,9 +133,11 @@ def recorded_hessians(monkeypatch):
     seen = {}
     original = G.layer_from_gptq
 
-    def spy(module, spec, H, name, *a):
+    def spy(module, spec, H, name, *a, **kw):
         seen[name] = H.clone()
-        return original(module, spec, H, name, *a)
+        if kw.get("cross") is not None:
+            seen[name + ":cross"] = kw["cross"].clone()
+        return original(module, spec, H, name, *a, **kw)
 
     monkeypatch.setattr(G, "layer_from_gptq", spy)
     return seen
@@ -182,6 +184,72 @@ def test_sequential_calibration_sees_quantized_predecessors(monkeypatch):
         assert rel > 1e-3, (name, float(rel))
     torch.testing.assert_close(seen["encoder.layer.0.attention.self.query"],
                                float_h["encoder.layer.0.attention.self.query"])
+
+
+def test_float_target_weight_is_the_least_squares_fit_to_float_outputs():
+    from qat.gptq import float_target_weight
+
+    X_f = correlated_inputs(200, 12, seed=1).double()
+    X_q = X_f + 0.1 * correlated_inputs(200, 12, seed=2).double()  # the quantized chain's inputs
+    W = torch.randn(5, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    H, C = X_q.T @ X_q, X_q.T @ X_f
+    # argmin_B ||X_f W^T - X_q B^T||: float64 least squares; dampening 1e-12 of the mean diagonal is
+    # far below the conditioning of X_q (200 well-mixed tokens on 12 features), hence the 1e-8.
+    expected = torch.linalg.lstsq(X_q, X_f @ W.T).solution.T
+    torch.testing.assert_close(float_target_weight(W, H, C, 1e-12), expected, rtol=1e-8, atol=1e-8)
+    # Equal inputs: no correction, whatever the dampening (GPTQ's own target).
+    assert torch.equal(float_target_weight(W, H, H.clone(), 0.1), W)
+
+
+def cross_moments(model_q, model_f, names, batches):
+    """C = X_q^T X_f of each named layer: its real-token inputs in ``model_q`` and in ``model_f``."""
+    from qat.blocks import real_tokens
+
+    inputs = {}
+    for tag, model in (("q", model_q), ("f", model_f)):
+        hooks = [model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, _n=name, _t=tag: inputs.setdefault((_t, _n), []).append(
+                real_tokens(args[0], state["mask"]).double())) for name in names]
+        with torch.no_grad():
+            for b in batches:
+                state = {"mask": b["attention_mask"].bool()}
+                model(**b)
+        for h in hooks:
+            h.remove()
+    return {n: sum(q.T @ f for q, f in zip(inputs[("q", n)], inputs[("f", n)])) for n in names}
+
+
+def test_float_target_pairs_quantized_and_float_inputs_of_the_same_tokens(monkeypatch):
+    seen = recorded_hessians(monkeypatch)
+    batches = calibration_batches()
+    model = tiny_bert()
+    qat.quantize_model(model, qat.QuantConfig(bits=2, group_size=32, init="gptq", gptq_target="float"),
+                       calibration=batches)
+    block_layers = [n for n, _ in qat.quant_layers(model) if n.startswith("encoder.")]
+    assert all(n + ":cross" in seen for n in block_layers) and "pooler.dense:cross" not in seen  # blocks only
+    expected = cross_moments(model, tiny_bert(), block_layers, batches)
+    for name in block_layers:  # same ops in the same order: equal to float64 rounding
+        torch.testing.assert_close(seen[name + ":cross"], expected[name], rtol=1e-9, atol=1e-9)
+    # the first layers read the float embedding in both chains: C = H, so their codes are plain GPTQ's
+    first = "encoder.layer.0.attention.self.query"
+    assert torch.equal(seen[first + ":cross"], seen[first])
+    plain = tiny_bert()
+    qat.quantize_model(plain, qat.QuantConfig(bits=2, group_size=32, init="gptq"), calibration=batches)
+    assert torch.equal(model.get_submodule(first).fake_quant_weight(), plain.get_submodule(first).fake_quant_weight())
+    # ... and a later layer's codes differ (it fits the float outputs)
+    last = "encoder.layer.1.output.dense"
+    assert not torch.equal(model.get_submodule(last).fake_quant_weight(), plain.get_submodule(last).fake_quant_weight())
+    # the whole model is closer to the float one on its calibration text (what the target optimises)
+    reference = tiny_bert()
+    def error(m):
+        with torch.no_grad():
+            return sum(float((m(**b).last_hidden_state - reference(**b).last_hidden_state).pow(2).mean()) for b in batches)
+    assert error(model) < error(plain)
+
+
+def test_gptq_target_is_checked():
+    with pytest.raises(ValueError, match="gptq_target='floats'"):
+        qat.QuantConfig(init="gptq", gptq_target="floats")
 
 
 @pytest.mark.parametrize("bits,symmetric,group", [(4, True, 32), (3, False, 32), (1.58, True, None)])

@@ -91,6 +91,9 @@ class QATArguments(TrainingArguments):
     gptq_act_order: bool = _config_field(QuantConfig, "gptq_act_order",
         "With quant_init gptq: take columns by decreasing input energy (static groups: the export stays "
         "plain group-wise).")
+    gptq_target: str = _config_field(QuantConfig, "gptq_target",
+        "With quant_init gptq: what each layer fits, 'quantized' (GPTQ: its float weight on the quantized "
+        "inputs) or 'float' (the float model's outputs, also undoing the error of the layers before it).")
     gptq_step_init: str = _config_field(QuantConfig, "gptq_step_init",
         "With quant_init gptq: how each group's step is searched, 'mse' or 'rtn'.")
     quant_include: list[str] = _config_field(QuantConfig, "include",

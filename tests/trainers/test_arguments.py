@@ -86,7 +86,7 @@ QUANT_KEYS = {"bits": ("bits", 3), "group_size": ("group_size", 16), "symmetric"
               "overrides": ("quant_overrides", {r"k_proj$": {"bits": 8}}),
               "learn_scale": ("learn_scale", False), "learn_zero_point": ("learn_zero_point", False),
               "gptq_damp": ("gptq_damp", 0.05), "gptq_act_order": ("gptq_act_order", True),
-              "gptq_step_init": ("gptq_step_init", "rtn"),
+              "gptq_step_init": ("gptq_step_init", "rtn"), "gptq_target": ("gptq_target", "float"),
               "act_bits": ("act_bits", 8), "act_scheme": ("act_scheme", "static_tensor")}
 ADAPTER_KEYS = {"kind": ("adapter", "wht"), "rank": ("adapter_rank", 4), "alpha": ("adapter_alpha", 2.0),
                 "dropout": ("adapter_dropout", 0.1), "placement": ("adapter_placement", "outside"),
