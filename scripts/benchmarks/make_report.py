@@ -40,6 +40,9 @@ since stop 29), `qat_best` (the best recipe measured per width, whose export nee
 qat's and llm-compressor's GPTQ and llm-compressor's RTN, every row one setting (`--budget 1`), followed by
 the issue-14 targets checked against it. The previous run, with the symmetric default, is kept as
 [benchmarks/quality_symmetric_default_stop28.md](benchmarks/quality_symmetric_default_stop28.md).
+Since stop 31, `qat_best` also starts from GPTQ fitting the float model's outputs (`gptq_target: float`),
+which this run predates: its gains, measured one row at a time, are in
+[TRAINING_MODES.md](TRAINING_MODES.md) ("GPTQ towards the float model").
 """
 
 

@@ -25,8 +25,8 @@ LABELS = {
     "qat_gptq": "qat GPTQ init alone (`qat quantize --init gptq --act-order`), no training",
     "qat_lora_outside": "qat LoRA outside (act-LoftQ init)",
     "qat_best": "qat best measured recipe (the default + online Hadamard on every linear's input, b = 128, "
-                "relative step lr 5e-3 at W4 / W3 and 1.5e-2 below, **twice the steps**; its export needs the transform "
-                "step to load)",
+                "GPTQ fitting the float model's outputs, relative step lr 5e-3 at W4 / W3 and 1.5e-2 below, "
+                "**twice the steps**; its export needs the transform step to load)",
     "qat_rel": "qat default recipe with relative step learning rates (`step_lr_relative`, 0.5% per update)",
     "llmc_gptq": "llm-compressor GPTQ", "llmc_rtn": "llm-compressor RTN",
     "llmc_quip_gptq": "llm-compressor QuIP (input rotations) + GPTQ",

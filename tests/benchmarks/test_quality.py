@@ -211,8 +211,8 @@ def test_best_row_takes_its_width_s_recipe(tmp_path):
     assert best.grid(2)[1]["step_learning_rate"] == pytest.approx(1.5e-2 * script.LR_FACTORS[1])
     for bits in (4, 2, 1.58):
         args = script.build_args(a, bits, tmp_path, {**script.best_recipe(bits, a.steps), **best.grid(bits)[0]})
-        assert (args.max_steps, args.online_hadamard, args.online_hadamard_targets, args.step_lr_relative) == \
-            (2 * a.steps, 128, "all", True)
+        assert (args.max_steps, args.online_hadamard, args.online_hadamard_targets, args.step_lr_relative,
+                args.gptq_target) == (2 * a.steps, 128, "all", True, "float")
         assert args.symmetric is (bits == 1.58)  # asymmetric like the default, but ternary has no zero point
     with pytest.raises(script.NotRun, match="no zero point"):
         script.qat_gptq_model(None, 1.58, {"dampening": 0.01, "symmetric": False}, tmp_path / "x")
