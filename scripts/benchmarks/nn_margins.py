@@ -46,10 +46,15 @@ def top2(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sim.topk(2, dim=1)
 
 
+def neighbours_and_margin(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [n, 2] of each row's two nearest other rows, top-1 minus top-2 similarity [n])."""
+    sim, idx = top2(embeddings)
+    return idx, sim[:, 0] - sim[:, 1]
+
+
 def margin_report(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     """Disagreements of candidate's top-1 neighbour with reference's, split by reference's top-1/top-2 margin."""
-    sim, idx = top2(reference)
-    margin = sim[:, 0] - sim[:, 1]
+    idx, margin = neighbours_and_margin(reference)
     _, cand_idx = top2(candidate)
     wrong = cand_idx[:, 0] != idx[:, 0]
     return {"nn_agreement": 1 - wrong.double().mean().item(),
@@ -80,8 +85,7 @@ def main(argv=None) -> int:
         return F.normalize(e.float(), dim=-1)
 
     reference = embed(AutoModel.from_pretrained(path, dtype=torch.float32))
-    sim, _ = top2(reference)
-    margin = sim[:, 0] - sim[:, 1]
+    _, margin = neighbours_and_margin(reference)
     report = {"sentences": len(texts),
               "float": {f"share_margin_below_{m:g}": (margin < m).float().mean().item() for m in MARGINS}}
     for export in a.exports:
