@@ -40,9 +40,11 @@ since stop 29), `qat_best` (the best recipe measured per width, whose export nee
 qat's and llm-compressor's GPTQ and llm-compressor's RTN, every row one setting (`--budget 1`), followed by
 the issue-14 targets checked against it. The previous run, with the symmetric default, is kept as
 [benchmarks/quality_symmetric_default_stop28.md](benchmarks/quality_symmetric_default_stop28.md).
-Since stop 31, `qat_best` also starts from GPTQ fitting the float model's outputs (`gptq_target: float`),
-which this run predates: its gains, measured one row at a time, are in
-[TRAINING_MODES.md](TRAINING_MODES.md) ("GPTQ towards the float model").
+This run predates two later changes, measured one row at a time in [TRAINING_MODES.md](TRAINING_MODES.md):
+since stop 31 `qat_best` starts from GPTQ fitting the float model's outputs (`gptq_target: float`, "GPTQ
+towards the float model"), and since stop 32 so does the default `qat train`, with step lr 3e-5 (out of domain
+0.9926 / 0.899 at W4 in its own run, "Step learning rates from the float-target start"), and `qat_best` uses
+5e-3 at W2.
 """
 
 
