@@ -44,7 +44,7 @@ This run predates two later changes, measured one row at a time in [TRAINING_MOD
 since stop 31 `qat_best` starts from GPTQ fitting the float model's outputs (`gptq_target: float`, "GPTQ
 towards the float model"), and since stop 32 so does the default `qat train`, with step lr 3e-5 (out of domain
 0.9926 / 0.899 at W4 in its own run, "Step learning rates from the float-target start"), and `qat_best` uses
-5e-3 at W2.
+step lr 1.5e-3 at W4 and 5e-3 at W2.
 """
 
 

@@ -26,7 +26,7 @@ LABELS = {
     "qat_gptq": "qat GPTQ init alone (`qat quantize --init gptq --act-order`), no training",
     "qat_lora_outside": "qat LoRA outside (act-LoftQ init)",
     "qat_best": "qat best measured recipe (the default + online Hadamard on every linear's input, b = 128, "
-                "GPTQ fitting the float model's outputs, relative step lr 5e-3 at W4 / W3 / W2 and 1.5e-2 at ternary, "
+                "GPTQ fitting the float model's outputs, relative step lr 1.5e-3 at W4, 5e-3 at W3 / W2, 1.5e-2 at ternary, "
                 "**twice the steps**; its export needs the transform step to load)",
     "qat_rel": "qat default recipe with relative step learning rates (`step_lr_relative`, 0.5% per update)",
     "llmc_gptq": "llm-compressor GPTQ", "llmc_rtn": "llm-compressor RTN",

@@ -207,7 +207,7 @@ def test_best_row_takes_its_width_s_recipe(tmp_path):
     script = _load_script()
     a = script.parse(["--bits", "4", "2", "1.58", "--methods", "qat_best", "qat_gptq_asym"])
     best = script.methods(a)["qat_best"]
-    assert best.grid(4)[0]["step_learning_rate"] == 5e-3 and best.grid(2)[0]["step_learning_rate"] == 5e-3
+    assert best.grid(4)[0]["step_learning_rate"] == 1.5e-3 and best.grid(2)[0]["step_learning_rate"] == 5e-3
     assert best.grid(1.58)[0]["step_learning_rate"] == 1.5e-2
     assert best.grid(1.58)[1]["step_learning_rate"] == pytest.approx(1.5e-2 * script.LR_FACTORS[1])
     for bits in (4, 2, 1.58):
