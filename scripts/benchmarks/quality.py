@@ -63,6 +63,9 @@ QAT_RECIPES = {
 }
 
 
+BEST_STEP_LR = {4: 1.5e-3, 3: 5e-3, 2: 5e-3, 1.58: 1.5e-2}  # best_recipe's relative step lr per width (WIDTHS)
+
+
 def best_recipe(bits, steps: int) -> dict:
     """The best recipe measured per width (docs/TRAINING_MODES.md, "Asymmetric grids" and "Online Hadamard"):
     the default's asymmetric GPTQ start and frozen codes, every linear's input rotated online (b = 128; the
@@ -72,9 +75,8 @@ def best_recipe(bits, steps: int) -> dict:
     From that start dev chose 5e-3 over 1.5e-2 at W2 as well (0.9435 -> 0.9457) and 1.5e-3 over 5e-3 at W4
     (0.9967 -> 0.9969); ternary kept 1.5e-2 (section "Step learning rates from the float-target start").
     Ternary keeps the default's grid minus the zero point (build_arguments drops it for `--bits 1.58`)."""
-    step_lr = 1.5e-3 if bits == 4 else 5e-3 if bits >= 2 else 1.5e-2
     return {"online_hadamard": 128, "online_hadamard_targets": "all", "step_lr_relative": True,
-            "step_learning_rate": step_lr, "max_steps": 2 * steps, "gptq_target": "float"}
+            "step_learning_rate": BEST_STEP_LR[bits], "max_steps": 2 * steps, "gptq_target": "float"}
 
 
 # rows whose recipe depends on the width (and the protocol's steps): {name: (bits, steps) -> overrides}
