@@ -136,6 +136,35 @@ def test_report_rerenders_from_its_json(run, tmp_path):
         "train_sentences": data["train_sentences"]})(), data["total_seconds"], data["machine"], data["command"])[0]
 
 
+def test_runs_of_disjoint_rows_merge_into_one_table(run, tmp_path):
+    """Two runs of the same protocol (the widths split over two processes) make one table with both
+    commands; runs of another protocol, or with a row in common, are refused with one sentence."""
+    data, _, _, _ = run
+    _load_script()
+    import quality_report
+
+    other = {**data, "command": data["command"].replace("--bits 4", "--bits 3"), "total_seconds": 7.0,
+             "results": {"3": data["results"]["4"]}}
+    paths = {name: tmp_path / f"{name}.json" for name in ("a", "b", "again", "changed")}
+    paths["a"].write_text(json.dumps(data))
+    paths["b"].write_text(json.dumps(other))
+    markdown = quality_report.merge([paths["a"], paths["b"]], tmp_path / "out")
+    merged = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert list(merged["results"]) == ["4", "3"] and merged["results"]["3"] == data["results"]["4"]
+    assert merged["command"] == [data["command"], other["command"]] and merged["total_seconds"][1] == 7.0
+    assert "Commands: 2 runs of this protocol" in markdown and f"`{other['command']}` (0.1 min)" in markdown
+    assert markdown.count("| W3 g32 |") == markdown.count("| W4 g32 |") > 0
+    assert (tmp_path / "out" / "quality.md").read_text() == quality_report.rerender(tmp_path / "out" / "quality.json").rstrip() + "\n"
+
+    paths["again"].write_text(json.dumps(data))
+    with pytest.raises(quality_report.MergeError, match="row W4 qat_default is in more than one run"):
+        quality_report.merge([paths["a"], paths["again"]], tmp_path / "no")
+    paths["changed"].write_text(json.dumps({**other, "steps": data["steps"] + 1}))
+    with pytest.raises(quality_report.MergeError, match="differ in steps: merge only runs of the same protocol"):
+        quality_report.merge([paths["a"], paths["changed"]], tmp_path / "no")
+    assert not (tmp_path / "no").exists()  # refused before anything is written
+
+
 def test_target_verdicts_against_the_strongest_post_training_row():
     """Each target row is checked against its own numbers and the strongest post-training row at its
     width (by OOD cosine); GPTQ pairs on the same grid get their gap against the 0.003 the issue allows."""
