@@ -256,16 +256,19 @@ def quantize_model_gptq(model: nn.Module, plans: list[tuple[str, nn.Module, Laye
     if target not in GPTQ_TARGETS:
         raise ValueError(f"gptq_target={target!r}: use one of {GPTQ_TARGETS}")
 
-    def replace(name, module, spec, runs, float_module=None):
+    def replace(group, runs, float_module=None):
+        """Quantize a group of layers that read one input (q/k/v, gate/up): one H (and C) serves them all."""
+        module = group[0][1]
         if float_module is None:
             H, C = _hessian(module, runs), None
         else:
             H, C = _hessian_and_cross(module, float_module, runs)
-        layer = layer_from_gptq(module, spec, H, name, damp, act_order, step_init, cross=C)
-        del H, C  # one layer's H (and C) at a time
-        set_submodule(model, name, layer)
-        if on_layer is not None:
-            on_layer(name, module, layer)
+        for name, member, spec in group:
+            layer = layer_from_gptq(member, spec, H, name, damp, act_order, step_init, cross=C)
+            set_submodule(model, name, layer)
+            if on_layer is not None:
+                on_layer(name, member, layer)
+        del H, C  # one group's H (and C) at a time
 
     was_training = model.training
     model.eval()  # no dropout in the statistics
@@ -287,15 +290,15 @@ def _sequential(model, plans, batches, replace, float_chain: bool = False) -> No
         for i, block in enumerate(blocks):
             prefix = f"{blocks_name}.{i}."
             float_block = copy.deepcopy(block) if float_chain else None  # before any of its layers is replaced
-            for name, module, spec in [p for p in plans if p[0].startswith(prefix)]:
+            for group in shared_input_groups(block, [p for p in plans if p[0].startswith(prefix)], items[0]):
                 if float_chain:
                     runs = [(it.token_mask, lambda f=f: block_output(float_block, f), lambda it=it: block_output(block, it))
                             for it, f in zip(items, float_items)]
-                    replace(name, module, spec, runs, float_block.get_submodule(name[len(prefix):]))
+                    replace(group, runs, float_block.get_submodule(group[0][0][len(prefix):]))
                 else:
-                    runs = [(it.token_mask, lambda it=it: block(it.hidden, *it.args, **it.kwargs)) for it in items]
-                    replace(name, module, spec, runs)
-                done.add(name)
+                    runs = [(it.token_mask, lambda it=it: block_output(block, it)) for it in items]
+                    replace(group, runs)
+                done.update(name for name, _, _ in group)
             advance(block, items)
             if float_chain:
                 advance(float_block, float_items)
@@ -305,5 +308,28 @@ def _sequential(model, plans, batches, replace, float_chain: bool = False) -> No
         if name not in done:
             runs = [(b.get("attention_mask", None), lambda b=b: model(**model_kwargs(model, b))) for b in batches]
             runs = [(None if m is None else m.bool(), r) for m, r in runs]
-            replace(name, module, spec, runs)
+            replace([(name, module, spec)], runs)
+
+
+def shared_input_groups(block: nn.Module, block_plans: list, item) -> list[list]:
+    """The block's planned layers in plan order, consecutive layers that read the same input tensor in
+    one forward (attention's q/k/v, an MLP's gate/up) put in one group: their H (and C) are equal, since
+    quantizing one member cannot change what the others read, so one pass of the calibration set
+    serves the group (GPTQ's usual grouping; 2 of a BERT block's 6 passes saved, 3 of a Llama's 7)."""
+    inputs = {}  # name -> the tensor its layer read (kept alive, so identity is meaningful)
+    handles = [module.register_forward_pre_hook(lambda _m, args, name=name: inputs.setdefault(name, args[0]))
+               for name, module, _ in block_plans]
+    try:
+        block_output(block, item)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups = []
+    for plan in block_plans:
+        x = inputs.get(plan[0])
+        if groups and x is not None and inputs.get(groups[-1][0][0]) is x:
+            groups[-1].append(plan)
+        else:
+            groups.append([plan])
+    return groups
 

@@ -300,6 +300,41 @@ def test_llama_blocks_and_mixed_inits():
         assert torch.isfinite(model(ids).logits).all()
 
 
+def _block_groups(model, batches):
+    from qat.blocks import capture_block_inputs, find_blocks
+    from qat.gptq import shared_input_groups
+
+    _, blocks = find_blocks(model)
+    items = capture_block_inputs(model, blocks, batches)
+    plans = [(n, m, None) for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    return [[n for n, _, _ in g] for g in shared_input_groups(blocks[0], plans, items[0])]
+
+
+def test_layers_reading_one_input_share_one_calibration_pass(monkeypatch):
+    """q/k/v (and Llama's gate/up) read the same tensor: one H for the group, one pass over the
+    calibration set instead of one per layer. Layers whose inputs merely have the same shape
+    (BERT's attention output and intermediate both read [.., 64]) stay apart."""
+    from tests.conftest import tiny_llama
+
+    import qat.gptq as G
+
+    assert _block_groups(tiny_bert(), calibration_batches()) == [
+        ["attention.self.query", "attention.self.key", "attention.self.value"], ["attention.output.dense"],
+        ["intermediate.dense"], ["output.dense"]]
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert _block_groups(tiny_llama(), [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    passes = []
+    original = G._hessian_and_cross
+    monkeypatch.setattr(G, "_hessian_and_cross", lambda *a: passes.append(1) or original(*a))
+    model = tiny_bert()
+    qat.quantize_model(model, qat.QuantConfig(bits=2, group_size=32, init="gptq", gptq_target="float"),
+                       calibration=calibration_batches())
+    assert len(passes) == 2 * 4  # 4 groups a block (was 6 layers); the group's members still all quantized
+    assert len(qat.quant_layers(model)) == 13
+
+
 def test_gpt2_conv1d_blocks():
     """GPT-2: blocks under transformer.h, Conv1D weights stored [in, out]."""
     torch.manual_seed(0)
