@@ -176,8 +176,13 @@ class _HessianHook:
         self.token_mask = None
 
     def __call__(self, _module, args):
-        x = real_tokens(args[0], self.token_mask).double()
+        self.add(args[0])  # returns nothing: a pre-hook's return value would replace the layer's input
+
+    def add(self, inputs: torch.Tensor) -> torch.Tensor:
+        """H += x x^T of the real tokens x [tokens, in] (float64) of ``inputs``; returns x."""
+        x = real_tokens(inputs, self.token_mask).double()
         self.H += x.T @ x
+        return x
 
 
 class _FloatInputHook:
@@ -199,9 +204,7 @@ class _CrossHook(_HessianHook):
         self.float_input = float_input
 
     def __call__(self, _module, args):
-        x = real_tokens(args[0], self.token_mask).double()
-        self.H += x.T @ x
-        self.C += x.T @ self.float_input.x
+        self.C += self.add(args[0]).T @ self.float_input.x
 
 
 def _in_features(module: nn.Module) -> int:
