@@ -73,3 +73,17 @@ def write_section(page: Path | str, name: str, markdown: str) -> Path:
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(text)
     return page
+
+
+def load_export(path: Path | str, decompress: bool = True):
+    """An export as a user loads it with transformers, then its online transforms applied
+    (qat.online_hadamard.apply_export_transforms; none for plain exports). ``decompress``: transformers'
+    own ``run_compressed=False``, which asymmetric exports need (their packed zero points do not place
+    in the compressed load of compressed-tensors 0.20; docs/TRAINING_MODES.md "Asymmetric grids")."""
+    from transformers import AutoModel
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from qat.online_hadamard import apply_export_transforms
+
+    kwargs = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if decompress else {}
+    return apply_export_transforms(AutoModel.from_pretrained(str(path), dtype=torch.float32, **kwargs), path).eval()

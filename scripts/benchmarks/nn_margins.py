@@ -24,19 +24,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import load_export  # noqa: E402  (a sibling, as in every script of this folder)
 
 MARGINS = (1e-3, 3e-3, 1e-2)
-
-
-def load_export(path: str):
-    from transformers import AutoModel
-    from transformers.utils.quantization_config import CompressedTensorsConfig
-
-    from qat.online_hadamard import apply_export_transforms
-
-    model = AutoModel.from_pretrained(path, dtype=torch.float32,
-                                      quantization_config=CompressedTensorsConfig(run_compressed=False))
-    return apply_export_transforms(model, path).eval()
 
 
 def top2(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +45,12 @@ def neighbours_and_margin(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def margin_report(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     """Disagreements of candidate's top-1 neighbour with reference's, split by reference's top-1/top-2 margin."""
+    from qat.evaluation import embedding_agreement
+
     idx, margin = neighbours_and_margin(reference)
     _, cand_idx = top2(candidate)
     wrong = cand_idx[:, 0] != idx[:, 0]
-    return {"nn_agreement": 1 - wrong.double().mean().item(),
-            "cosine": (reference * candidate).sum(-1).mean().item(),
+    return {**embedding_agreement(reference, candidate),  # the scores quality.py reports
             "disagreements": int(wrong.sum()),
             **{f"disagreements_margin_below_{m:g}": int((wrong & (margin < m)).sum()) for m in MARGINS},
             "picked_float_second": int((wrong & (cand_idx[:, 0] == idx[:, 1])).sum())}

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_common import load_export
 
 LLMC_VERSION = "0.14.0.1"
 DEFAULT_LLMC_VENV = os.environ.get("QAT_LLMC_VENV", str(Path.home() / ".cache" / "qat" / "llmcompressor-venv"))
@@ -56,8 +57,6 @@ def build_llmc_venv(venv: str) -> Path:
 
 def llmc_model(bench, bits: int, method: str, config: dict, out: Path):
     """Run llm-compressor in its venv on the float model (calibration: the train split), reload here."""
-    from transformers import AutoModel
-
     if not float(bits).is_integer():
         raise NotRun("llm-compressor has no ternary scheme (its int schemes are 2-8 bit)")
     python = llmc_python(bench.a.llmc_venv)
@@ -79,17 +78,9 @@ def llmc_model(bench, bits: int, method: str, config: dict, out: Path):
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"llm-compressor failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
-    from transformers.utils.quantization_config import CompressedTensorsConfig
-
-    from qat.online_hadamard import apply_export_transforms  # quip_gptq's online rotations (transform_config)
-
-    # An asymmetric export holds its zero points packed along dim 0, which the plain load of transformers
-    # + compressed-tensors 0.20 cannot place (shape mismatch, docs/TRAINING_MODES.md "Asymmetric grids"):
-    # transformers' own run_compressed=False decompresses each layer instead (qat's exports say
-    # `dequantize: true` for the same reason).
-    kwargs = {} if symmetric else {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
-    return lambda: apply_export_transforms(AutoModel.from_pretrained(str(out), dtype=torch.float32, **kwargs),
-                                           out).eval(), out
+    # quip_gptq's online rotations (transform_config) are applied on load; an asymmetric export is
+    # decompressed layer by layer (qat's exports say `dequantize: true` for the same reason)
+    return lambda: load_export(out, decompress=not symmetric), out
 
 
 # ---------------------------------------------------------------------------------------- peft tools

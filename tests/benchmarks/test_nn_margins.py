@@ -25,6 +25,7 @@ def test_margin_report_counts_a_near_tie_swap(load_bench_script):
         assert int(ref_nn[0]) == 1 and int(cand_nn[0]) == 2  # the planted swap happened
         assert report["disagreements_margin_below_0.001"] == expected_wrong  # all on near-ties
         assert report["picked_float_second"] >= 1
-        assert abs(report["nn_agreement"] - (1 - expected_wrong / 5)) < 1e-12
+        # qat.evaluation's float32 mean of 5 flags: within float32 rounding (6e-8 relative) of the count
+        assert abs(report["nn_agreement"] - (1 - expected_wrong / 5)) < 1e-7
         # cosine is the mean of row-wise dot products (float64 reference: exact to rounding)
         assert abs(report["cosine"] - float((reference * candidate).sum(-1).mean())) < 1e-12
