@@ -35,16 +35,17 @@ post-training quantization of MiniLM ([RESULTS.md](RESULTS.md)), the main job ([
 zeroth-order memory ([zo_memory.md](zo_memory.md)), distributed communication bytes
 ([distributed_comm_bytes.md](distributed_comm_bytes.md)), kernels ([KERNELS.md](KERNELS.md)).
 
-The quality table below is one run (stop 30) of the command printed in it: the default recipe (asymmetric
-since stop 29), `qat_best` (the best recipe measured per width, whose export needs the transform step),
-qat's and llm-compressor's GPTQ and llm-compressor's RTN, every row one setting (`--budget 1`), followed by
-the issue-14 targets checked against it. The previous run, with the symmetric default, is kept as
+The quality table below (stop 33) is the current default recipe (asymmetric, GPTQ fitting the float
+model's outputs, step lr 3e-5), `qat_best` (the best recipe measured per width, whose export needs the
+transform step), qat's and llm-compressor's GPTQ and llm-compressor's RTN, every row one setting
+(`--budget 1`), followed by the issue-14 targets checked against it. Its rows come from the runs printed in
+it, all of commit c03e9b8 (the widths split over the machine's two cores, side by side, and ternary's
+GPTQ row after them, then merged by
+`quality_report.py --merge`, which refuses runs whose protocol, splits or machine differ): the same
+protocol, splits and scoring as one run; only the seconds column carries the other run's load.
+Earlier tables: [benchmarks/quality_asym_default_stop30.md](benchmarks/quality_asym_default_stop30.md)
+(plain-GPTQ default, step lr 1e-4, before the float target) and
 [benchmarks/quality_symmetric_default_stop28.md](benchmarks/quality_symmetric_default_stop28.md).
-This run predates two later changes, measured one row at a time in [TRAINING_MODES.md](TRAINING_MODES.md):
-since stop 31 `qat_best` starts from GPTQ fitting the float model's outputs (`gptq_target: float`, "GPTQ
-towards the float model"), and since stop 32 so does the default `qat train`, with step lr 3e-5 (out of domain
-0.9926 / 0.899 at W4 in its own run, "Step learning rates from the float-target start"), and `qat_best` uses
-step lr 1.5e-3 at W4 and 5e-3 at W2.
 """
 
 

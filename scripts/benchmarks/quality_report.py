@@ -114,8 +114,9 @@ def _provenance(command: str | list, total_seconds: float | list, machine: str) 
     if isinstance(command, str):
         return [f"Command: `{command}`", "", f"Machine: {machine}. Whole run: {total_seconds / 60:.1f} min.", ""]
     runs = "; ".join(f"`{c}` ({s / 60:.1f} min)" for c, s in zip(command, total_seconds))
-    return [f"Commands: {len(command)} runs of this protocol, side by side on the machine's cores (each row's "
-            f"seconds are under that load), merged with `{MERGE_COMMAND}`: {runs}.", "", f"Machine: {machine}.", ""]
+    return [f"Commands: {len(command)} runs of this protocol on this machine, merged with `{MERGE_COMMAND}` "
+            f"(runs side by side share the cores: each row's seconds carry that load): {runs}.", "",
+            f"Machine: {machine}.", ""]
 
 
 def report(results: dict, splits: dict, a, total_seconds: float | list, machine: str,
